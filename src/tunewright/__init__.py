@@ -1,0 +1,16 @@
+"""tunewright: declarative fine-tuning, evaluation and serving of causal language models.
+
+The public API has the same verbs as the CLI::
+
+    import tunewright
+    run = tunewright.train("config.yaml", "data.csv", "runs/demo")
+    model = tunewright.load("runs/demo")
+    predictions = tunewright.predict(model, "new.csv")
+    metrics = tunewright.evaluate(model, "test.csv")
+"""
+
+__version__ = "0.1.0"
+
+from tunewright.api import evaluate, from_config, load, predict, train  # noqa: E402
+
+__all__ = ["__version__", "evaluate", "from_config", "load", "predict", "train"]

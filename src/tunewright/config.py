@@ -1,0 +1,301 @@
+"""The config schema: one pydantic class per YAML section, and the only place defaults live."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tunewright.errors import ConfigError
+from tunewright.prompt import default_template, template_fields
+
+DEFAULT_BASE_MODEL = "smollm2-135m"
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class InputFeature(Section):
+    name: str = Field(description="Dataset column that feeds the prompt.")
+    type: Literal["text"] = Field("text", description="Input features are text rendered into the prompt.")
+
+
+class OutputFeature(Section):
+    name: str = Field(description="Dataset column holding the target text or label.")
+    type: Literal["text", "category"] = Field("text", description="`text` is generated; `category` is a label.")
+    decoder: Literal["label_scoring", "classifier"] = Field(
+        "label_scoring",
+        description="Category only: score each label's tokens as the continuation (`label_scoring`), "
+        "or average token probabilities into a trainable linear head (`classifier`).",
+    )
+    labels: list[str] | None = Field(
+        None, description="Category only: the label set; by default the labels found in the training data."
+    )
+    score_normalization: Literal["sum", "mean"] = Field(
+        "mean", description="Category label scoring: sum of token log-probs or their mean over label tokens."
+    )
+
+    @model_validator(mode="after")
+    def _labels_are_distinct(self) -> OutputFeature:
+        if self.labels is not None:
+            if len(self.labels) < 2:
+                raise ValueError("a category needs at least two labels")
+            if len(set(self.labels)) != len(self.labels):
+                raise ValueError("labels must be distinct")
+        return self
+
+
+class PromptConfig(Section):
+    template: str | None = Field(
+        None, description="Prompt with `{column}` placeholders; by default the input column(s) as they are."
+    )
+    task: str | None = Field(None, description="Instruction text placed before the rendered template.")
+    use_chat_template: bool = Field(
+        False, description="Wrap the prompt as a user turn with the tokenizer's chat template."
+    )
+
+
+class AdapterConfig(Section):
+    type: Literal["lora"] = Field("lora", description="The peft adapter to train.")
+    r: int = Field(8, ge=1, description="LoRA rank.")
+    alpha: float = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input.")
+    target_modules: list[str] | Literal["all-linear"] | None = Field(
+        None, description="Module names to adapt; by default the attention q/v projections of the architecture."
+    )
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases are trained.")
+
+
+class QuantizationConfig(Section):
+    bits: Literal[4, 8] = Field(4, description="Load the base model in 4 or 8 bits (bitsandbytes, CUDA only).")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too.")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Matmul dtype.")
+
+
+class TrainerConfig(Section):
+    type: Literal["finetune", "none"] = Field(
+        "finetune", description="`finetune` trains; `none` is zero-shot (nothing is trained or saved)."
+    )
+    epochs: int = Field(3, ge=1, description="Passes over the training split (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(4, ge=1, description="Samples per micro-batch.")
+    eval_batch_size: int | None = Field(None, ge=1, description="Samples per evaluation batch (default batch_size).")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field("linear", description="Decay after warmup.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps spent warming up linearly.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm (null: no clipping).")
+    regularization: Literal["l1", "l2", "l1_l2"] | None = Field(
+        None, description="Extra penalty on trainable weights added to the loss."
+    )
+    regularization_lambda: float = Field(0.01, ge=0, description="Weight of the regularization penalty.")
+    eval_every: int | None = Field(
+        None, ge=1, description="Evaluate the validation loss every N optimizer steps (default: each epoch)."
+    )
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many evaluations without a better validation loss."
+    )
+    seed: int = Field(42, description="Seed for weights, shuffling and dropout.")
+    log_every: int = Field(1, ge=1, description="Write a training-log line every N optimizer steps.")
+
+
+class GenerationSettings(Section):
+    """Maps one-to-one onto transformers' GenerationConfig (see generate.py)."""
+
+    max_new_tokens: int = Field(64, ge=1, description="Tokens generated after the prompt.")
+    do_sample: bool = Field(False, description="Sample instead of greedy/beam decoding.")
+    temperature: float | None = Field(None, gt=0, description="Sampling temperature.")
+    top_k: int | None = Field(None, ge=1, description="Sample from the k most likely tokens.")
+    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass.")
+    num_beams: int = Field(1, ge=1, description="Beam search width (1: greedy or sampling).")
+    repetition_penalty: float | None = Field(None, gt=0, description="Penalty on repeated tokens (>1 discourages).")
+    batch_size: int = Field(16, ge=1, description="Prompts generated together.")
+
+
+class PreprocessingConfig(Section):
+    split: tuple[float, float, float] = Field(
+        (0.9, 0.1, 0.0), description="Train/validation/test fractions when the data has no split column."
+    )
+    split_column: str | None = Field(
+        None, description="Column with values train / validation / test that assigns each row its split."
+    )
+    max_input_length: int | None = Field(
+        None, ge=1, description="Cap on prompt tokens (never above the model's context rule)."
+    )
+    max_target_length: int | None = Field(None, ge=1, description="Cap on target tokens during training.")
+    overlong_prompts: Literal["truncate", "drop", "error"] = Field(
+        "truncate", description="What to do with prompts longer than the maximum input length."
+    )
+
+    @model_validator(mode="after")
+    def _split_sums_to_one(self) -> PreprocessingConfig:
+        if abs(sum(self.split) - 1.0) > 1e-6:
+            raise ValueError(f"split fractions must add up to 1, got {list(self.split)}")
+        return self
+
+
+class BackendConfig(Section):
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto`: CUDA when available, else CPU.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype; `auto` is bfloat16 on CUDA that supports it, else float32."
+    )
+    max_memory_per_gpu: str | None = Field(None, description="Cap per GPU with device_map=auto, e.g. '20GiB'.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the Hub (off: it runs code).")
+
+
+class TunewrightConfig(Section):
+    base_model: str = Field(
+        DEFAULT_BASE_MODEL, description="Local HF folder, Hub id, .gguf file or the alias 'smollm2-135m'."
+    )
+    input_features: list[InputFeature] = Field(min_length=1, description="Columns that feed the prompt.")
+    output_features: list[OutputFeature] = Field(min_length=1, description="The single output column.")
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    adapter: AdapterConfig | None = Field(None, description="peft adapter; absent means full fine-tuning.")
+    quantization: QuantizationConfig | None = Field(None, description="Quantized loading (QLoRA).")
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)
+    preprocessing: PreprocessingConfig = Field(default_factory=PreprocessingConfig)
+    backend: BackendConfig = Field(default_factory=BackendConfig)
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> TunewrightConfig:
+        if len(self.output_features) > 1:
+            raise ValueError(
+                f"output_features: only a single output feature is supported, got {len(self.output_features)}"
+            )
+        input_names = [feature.name for feature in self.input_features]
+        if len(set(input_names)) != len(input_names):
+            raise ValueError("input_features: feature names must be distinct")
+        template = self.prompt.template or default_template(input_names)
+        try:
+            fields = template_fields(template)
+        except ValueError as error:
+            raise ValueError(f"prompt.template: {error}") from None
+        missing = [name for name in fields if name not in input_names]
+        if missing:
+            raise ValueError(
+                f"prompt.template: placeholder {{{missing[0]}}} is not an input feature "
+                f"(input features: {', '.join(input_names)})"
+            )
+        output = self.output_features[0]
+        if output.name in fields:
+            raise ValueError(f"prompt.template: the output column {{{output.name}}} must not appear in the prompt")
+        return self
+
+    @property
+    def output_feature(self) -> OutputFeature:
+        return self.output_features[0]
+
+    @property
+    def input_columns(self) -> list[str]:
+        return [feature.name for feature in self.input_features]
+
+    @property
+    def prompt_template(self) -> str:
+        return self.prompt.template or default_template(self.input_columns)
+
+
+def _key_path(location: tuple[int | str, ...]) -> str:
+    """('input_features', 0, 'nme') -> 'input_features[0].nme'."""
+    path = ""
+    for item in location:
+        path += f"[{item}]" if isinstance(item, int) else (f".{item}" if path else str(item))
+    return path or "(top level)"
+
+
+def _section_for(location: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The schema class that owns the key at `location`, to suggest names from."""
+    model: Any = TunewrightConfig
+    for item in location[:-1]:
+        if isinstance(item, int):
+            continue
+        field = model.model_fields.get(item)
+        if field is None:
+            return None
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        for candidate in candidates:
+            inner = getattr(candidate, "__args__", (candidate,))
+            classes = [c for c in (candidate, *inner) if isinstance(c, type) and issubclass(c, BaseModel)]
+            if classes:
+                model = classes[0]
+                break
+        else:
+            return None
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _describe(error: Any) -> str:
+    location = tuple(part for part in error["loc"] if not str(part).startswith("function-after"))
+    path = _key_path(location)
+    if error["type"] == "extra_forbidden":
+        owner = _section_for(location)
+        hint = ""
+        if owner is not None:
+            close = difflib.get_close_matches(str(location[-1]), list(owner.model_fields), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(owner.model_fields)})"
+        return f"{path}: unknown key{hint}"
+    if error["type"] == "missing":
+        return f"{path}: required key is missing"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "value_error" and ":" in message and path == "(top level)":
+        return message
+    return f"{path}: {message}"
+
+
+def validate_config(raw: Any, source: str = "config") -> TunewrightConfig:
+    """Validate a config dict, reporting every problem at once with its key path.
+
+    Args:
+        raw: the parsed YAML (a mapping).
+        source: how to name the config in messages (usually its file path).
+
+    Raises:
+        ConfigError: one line listing every error found.
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the config must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return TunewrightConfig.model_validate(raw)
+    except ValidationError as error:
+        problems = [_describe(item) for item in error.errors()]
+        count = f"{len(problems)} errors: " if len(problems) > 1 else ""
+        raise ConfigError(f"{source}: {count}{'; '.join(problems)}") from None
+
+
+def load_config(source: str | Path | dict[str, Any] | TunewrightConfig) -> TunewrightConfig:
+    """Read and validate a config from a YAML file, a dict or an existing config object.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, or the config is invalid.
+    """
+    if isinstance(source, TunewrightConfig):
+        return source
+    if isinstance(source, dict):
+        return validate_config(source)
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found; pass the path of a YAML config")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError(f"{path}: not valid YAML ({first_line})") from None
+    return validate_config(raw, source=str(path))
+
+
+def config_to_dict(config: TunewrightConfig) -> dict[str, Any]:
+    """The fully resolved config (every default filled in), ready to write as YAML."""
+    return config.model_dump(mode="json")
+
+
+def save_config(config: TunewrightConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), encoding="utf-8")

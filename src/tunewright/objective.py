@@ -1,0 +1,73 @@
+"""Training objectives: the model plus its loss in one nn.Module, so DDP/FSDP wrap both.
+
+The loss is returned as a *sum* with the number of target tokens, so the training loop can
+normalise by the tokens of a whole gradient-accumulation window (not per micro-batch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tunewright.data import IGNORE_INDEX
+
+
+@dataclass
+class LossOutput:
+    loss_sum: torch.Tensor  # scalar, summed over target tokens (or samples for classifiers)
+    count: torch.Tensor  # scalar, number of target tokens (or samples) in the sum
+    correct: torch.Tensor  # scalar, argmax predictions equal to the target
+
+
+def uses_virtual_tokens(model: nn.Module) -> bool:
+    """Prompt/prefix tuning prepend virtual tokens inside peft's own forward; it must not be bypassed."""
+    peft_config = getattr(model, "peft_config", None)
+    if not peft_config:
+        return False
+    return any(getattr(cfg, "is_prompt_learning", False) for cfg in peft_config.values())
+
+
+def causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(decoder, lm_head) of a causal LM, looking through a peft wrapper (its layers stay injected)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                  position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Last hidden states (B, T, H) without computing the (B, T, V) logits."""
+    decoder, _ = causal_lm_parts(model)
+    output = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    return output.last_hidden_state
+
+
+class LanguageModelObjective(nn.Module):
+    """Next-token cross-entropy on target tokens only.
+
+    The LM head runs only on positions whose label is not −100, so the logits of prompt and
+    padding positions (most of a batch, at vocabularies of ~50k) are never materialised.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
+                position_ids: torch.Tensor | None = None, **_: torch.Tensor) -> LossOutput:
+        next_labels = labels[:, 1:]  # (B, T-1): token t is predicted at position t-1
+        mask = next_labels != IGNORE_INDEX  # (B, T-1)
+        if uses_virtual_tokens(self.model):
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, P+T, V)
+            logits = logits[:, -input_ids.shape[1] : -1][mask]  # drop virtual-token positions
+        else:
+            hidden = hidden_states(self.model, input_ids, attention_mask, position_ids)[:, :-1]  # (B, T-1, H)
+            _, lm_head = causal_lm_parts(self.model)
+            logits = lm_head(hidden[mask])  # (N, V), N = target tokens
+        targets = next_labels[mask]  # (N,)
+        logits = logits.float()
+        loss_sum = F.cross_entropy(logits, targets, reduction="sum")
+        correct = (logits.argmax(dim=-1) == targets).sum()
+        return LossOutput(loss_sum=loss_sum, count=mask.sum(), correct=correct)
