@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import pytest
+
+from tunewright.prompt import default_template, render_prompt, template_fields
+
+
+def test_template_fields_in_order_without_repeats() -> None:
+    assert template_fields("{b} and {a} then {b}") == ["b", "a"]
+
+
+def test_escaped_braces_are_not_fields() -> None:
+    assert template_fields("json {{x}}: {value}") == ["value"]
+
+
+@pytest.mark.parametrize("template", ["{a.b}", "{a[0]}", "{}", "{unclosed"])
+def test_invalid_placeholders_are_refused(template: str) -> None:
+    with pytest.raises(ValueError):
+        template_fields(template)
+
+
+def test_render_with_task_and_missing_values() -> None:
+    assert render_prompt("Q: {q}\nA:", {"q": "why?"}, task="Answer briefly.") == "Answer briefly.\nQ: why?\nA:"
+    assert render_prompt("[{q}]", {"q": None}) == "[]"
+
+
+def test_default_template() -> None:
+    assert default_template(["text"]) == "{text}"
+    assert default_template(["title", "body"]) == "title: {title}\nbody: {body}"

@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from tunewright.adapters import attach_adapter
+from tunewright.config import AdapterConfig, TrainerConfig
+from tunewright.data import build_examples, collate_training, encode_prompts
+from tunewright.objective import LanguageModelObjective
+from tunewright.train import fit, lr_multiplier, trainable_state
+
+PROMPTS = ["say cat:", "say a longer thing:", "hi:", "x"]
+TARGETS = ["cat", "dog dog", "yo", "a much longer target text"]
+
+
+def examples_for(tokenizer, prompts=PROMPTS, targets=TARGETS):
+    return build_examples(encode_prompts(prompts, tokenizer), targets, tokenizer)
+
+
+def loss_of(objective, examples, pad_id):
+    return objective(**collate_training(examples, pad_id)).loss_sum
+
+
+def test_loss_does_not_change_with_padding_or_batch_order(tiny_model, tokenizer) -> None:
+    objective = LanguageModelObjective(tiny_model)
+    examples = examples_for(tokenizer)
+    pad = tokenizer.pad_token_id
+    with torch.no_grad():
+        one_by_one = sum(loss_of(objective, [example], pad) for example in examples)
+        together = loss_of(objective, examples, pad)
+        reversed_order = loss_of(objective, examples[::-1], pad)
+    torch.testing.assert_close(together, one_by_one, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(reversed_order, together, rtol=1e-5, atol=1e-5)
+
+
+def test_loss_counts_only_target_tokens(tiny_model, tokenizer) -> None:
+    examples = examples_for(tokenizer)
+    out = LanguageModelObjective(tiny_model)(**collate_training(examples, tokenizer.pad_token_id))
+    # each target's tokens plus its EOS
+    assert int(out.count) == sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in TARGETS)
+
+
+def test_loss_equals_transformers_masked_loss(tiny_model, tokenizer) -> None:
+    batch = collate_training(examples_for(tokenizer), tokenizer.pad_token_id)
+    with torch.no_grad():
+        ours = LanguageModelObjective(tiny_model)(**batch)
+        reference = tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               labels=batch["labels"]).loss  # mean over unmasked shifted labels
+    torch.testing.assert_close(ours.loss_sum / ours.count, reference, rtol=1e-5, atol=1e-6)
+
+
+def train_copy(tiny_model, tokenizer, adapter=AdapterConfig(r=4, alpha=8, dropout=0.0), **trainer):
+    model = attach_adapter(tiny_model, adapter)
+    cfg = TrainerConfig(lr_scheduler="constant", max_grad_norm=None, **trainer)
+    result = fit(LanguageModelObjective(model), examples_for(tokenizer), [], cfg, Accelerator(cpu=True),
+                 tokenizer.pad_token_id, show_progress=False)
+    return model, result
+
+
+def test_gradient_accumulation_gives_the_same_update(tokenizer) -> None:
+    from conftest import build_model
+
+    full_batch, _ = train_copy(build_model(len(tokenizer)), tokenizer, batch_size=4, max_steps=1)
+    accumulated, _ = train_copy(build_model(len(tokenizer)), tokenizer, batch_size=2, gradient_accumulation_steps=2,
+                                max_steps=1)
+    for name, tensor in trainable_state(full_batch).items():
+        torch.testing.assert_close(trainable_state(accumulated)[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_training_lowers_the_loss_and_logs_each_step(tiny_model, tokenizer) -> None:
+    # Full fine-tuning: the random tiny model's frozen LM head is too small for LoRA alone to move its logits fast.
+    model, result = train_copy(tiny_model, tokenizer, adapter=None, batch_size=2, epochs=10, learning_rate=0.01)
+    assert result.steps == 20 and len(result.history) == 20
+    assert result.history[-1]["loss"] < 0.5 * result.history[0]["loss"]
+    assert all(record["tokens_per_s"] > 0 for record in result.history)
+
+
+def test_only_adapter_weights_change(tiny_model, tokenizer) -> None:
+    before = {name: tensor.clone() for name, tensor in tiny_model.state_dict().items()}
+    model, _ = train_copy(tiny_model, tokenizer, batch_size=4, max_steps=2, learning_rate=0.05)
+    after = model.get_base_model().state_dict()
+    for name, tensor in before.items():
+        assert torch.equal(after[name.replace("q_proj.weight", "q_proj.base_layer.weight")
+                                 .replace("v_proj.weight", "v_proj.base_layer.weight")], tensor), name
+
+
+def test_early_stopping_restores_the_best_weights(tiny_model, tokenizer) -> None:
+    model = attach_adapter(tiny_model, AdapterConfig(r=4, alpha=8, dropout=0.0))
+    examples = examples_for(tokenizer)
+    # A huge learning rate makes validation loss worse after the first evaluation.
+    cfg = TrainerConfig(batch_size=4, epochs=20, learning_rate=5.0, eval_every=1, early_stopping_patience=2,
+                        lr_scheduler="constant")
+    result = fit(LanguageModelObjective(model), examples, examples, cfg, Accelerator(cpu=True),
+                 tokenizer.pad_token_id, show_progress=False)
+    assert result.stopped_early and result.steps < 20
+    val_losses = [record["val_loss"] for record in result.history]
+    assert result.best_val_loss == min(val_losses)
+
+
+@pytest.mark.parametrize(("schedule", "step", "expected"), [
+    ("constant", 5, 1.0), ("linear", 0, 0.25), ("linear", 3, 1.0), ("linear", 8, 0.5), ("cosine", 12, 0.0), ("cosine", 6, 0.5),
+])
+def test_lr_schedule(schedule: str, step: int, expected: float) -> None:
+    assert lr_multiplier(step, total_steps=12, warmup_steps=4 if schedule == "linear" else 0,
+                         schedule=schedule) == pytest.approx(expected, abs=1e-6)
