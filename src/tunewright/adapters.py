@@ -1,15 +1,40 @@
-"""Adapters: map the config's adapter section onto peft in one place, and report what trains."""
+"""Adapters: map the config's adapter section onto peft in one place, and report what trains.
+
+Every adapter type becomes a peft config in `peft_config_for`; `attach_adapter` wraps the model
+(or, for full fine-tuning, chooses which of its own weights train). AdaLoRA is the one type that
+needs the training loop's help: `optimizer_step_hook` re-allocates its ranks after every step, and
+`adapter_penalty` is its orthogonality term, added to the loss by the objective.
+"""
 
 from __future__ import annotations
 
 import logging
+import re
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from peft import LoraConfig, PeftModel, get_peft_model
+import torch
+from peft import (
+    AdaLoraConfig,
+    IA3Config,
+    LoHaConfig,
+    LoKrConfig,
+    LoraConfig,
+    PeftConfig,
+    PeftModel,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    get_peft_model,
+)
 from torch import nn
 from transformers import PreTrainedModel
 
-from tunewright.config import AdapterConfig
+from tunewright.config import AdapterConfig, BackendConfig, QuantizationConfig, TunewrightConfig
+from tunewright.errors import ConfigError, RunFolderError
+from tunewright.run import check_complete, load_run_config, weights_kind
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +48,22 @@ DEFAULT_TARGET_MODULES = {
     "gpt2": ["c_attn"],
     "gpt_neox": ["query_key_value"],
 }
+# IA3 scales keys, values and the feed-forward output; (target_modules, feedforward_modules).
+# The feed-forward module is scaled at its input, as in the IA3 paper.
+DEFAULT_IA3_MODULES = {
+    "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "mistral": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "qwen2": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "gemma": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "phi3": (["qkv_proj", "down_proj"], ["down_proj"]),
+    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
+    "gpt_neox": (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"]),
+}
+StepHook = Callable[[int, int], None]
+
+# peft warns on every prompt-tuning generate() that it drops the position ids transformers passes;
+# nothing a user can act on (RoPE keeps the prompt's relative positions), so keep it out of logs.
+warnings.filterwarnings("ignore", message="Position ids are not supported for parameter efficient tuning")
 
 
 @dataclass
@@ -39,6 +80,7 @@ class ParameterReport:
 
 
 def count_parameters(model: nn.Module) -> ParameterReport:
+    """Trainable and total parameters (tied weights counted once, virtual-token tables included)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return ParameterReport(trainable=trainable, total=total)
@@ -50,30 +92,284 @@ def target_modules_for(model: PreTrainedModel, adapter: AdapterConfig) -> list[s
     return DEFAULT_TARGET_MODULES.get(model.config.model_type, "all-linear")
 
 
-def peft_config_for(model: PreTrainedModel, adapter: AdapterConfig) -> LoraConfig:
-    """The one place where our adapter schema becomes a peft config."""
-    return LoraConfig(
-        task_type="CAUSAL_LM",
-        r=adapter.r,
-        lora_alpha=adapter.alpha,
-        lora_dropout=adapter.dropout,
-        target_modules=target_modules_for(model, adapter),
-        bias=adapter.bias,
+def _ia3_modules(model: PreTrainedModel, adapter: AdapterConfig) -> tuple[list[str] | str, list[str]]:
+    default_targets, default_feedforward = DEFAULT_IA3_MODULES.get(
+        model.config.model_type, ("all-linear", [])
     )
+    targets = adapter.target_modules if adapter.target_modules is not None else default_targets
+    if adapter.feedforward_modules is not None:
+        return targets, adapter.feedforward_modules
+    # Only default feed-forward modules that are actually targeted (peft requires a subset).
+    if isinstance(targets, str):
+        return targets, []
+    return targets, [name for name in default_feedforward if name in targets]
 
 
-def attach_adapter(model: PreTrainedModel, adapter: AdapterConfig | None) -> nn.Module:
-    """Wrap the model with a fresh adapter, or unfreeze everything for full fine-tuning."""
-    if adapter is None:
-        for parameter in model.parameters():
+def peft_config_for(
+    model: PreTrainedModel, adapter: AdapterConfig, total_steps: int | None = None
+) -> PeftConfig:
+    """The one place where our adapter schema becomes a peft config.
+
+    Args:
+        model: the base model (its architecture picks the default target modules).
+        adapter: the adapter section; `type` must not be `full`.
+        total_steps: optimizer steps of the training run (AdaLoRA's rank budget schedule needs it).
+
+    Raises:
+        ConfigError: AdaLoRA's tinit + tfinal leave no steps for pruning.
+    """
+    if adapter.type == "lora":
+        return LoraConfig(
+            task_type="CAUSAL_LM",
+            r=adapter.r,
+            lora_alpha=adapter.alpha,  # type: ignore[arg-type]  # peft annotates int; it divides by r
+            lora_dropout=adapter.dropout,
+            target_modules=target_modules_for(model, adapter),
+            bias=adapter.bias,
+            use_rslora=adapter.use_rslora,
+            use_dora=adapter.use_dora,
+        )
+    if adapter.type == "adalora":
+        total = total_steps or 1
+        if adapter.tinit + adapter.tfinal >= total:
+            raise ConfigError(
+                f"adapter: tinit ({adapter.tinit}) + tfinal ({adapter.tfinal}) leave none of the {total} "
+                "training steps for AdaLoRA's rank pruning; lower them or train longer"
+            )
+        return AdaLoraConfig(
+            task_type="CAUSAL_LM",
+            init_r=adapter.init_r,
+            target_r=adapter.r,
+            lora_alpha=adapter.alpha,  # type: ignore[arg-type]
+            lora_dropout=adapter.dropout,
+            target_modules=target_modules_for(model, adapter),
+            bias=adapter.bias,
+            tinit=adapter.tinit,
+            tfinal=adapter.tfinal,
+            deltaT=adapter.delta_t,
+            orth_reg_weight=adapter.orth_reg_weight,
+            total_step=total,
+        )
+    if adapter.type == "ia3":
+        targets, feedforward = _ia3_modules(model, adapter)
+        return IA3Config(task_type="CAUSAL_LM", target_modules=targets, feedforward_modules=feedforward)
+    if adapter.type in ("loha", "lokr"):
+        common: dict[str, Any] = {
+            "task_type": "CAUSAL_LM",
+            "r": adapter.r,
+            "alpha": adapter.alpha,
+            "rank_dropout": adapter.rank_dropout,
+            "module_dropout": adapter.module_dropout,
+            "target_modules": target_modules_for(model, adapter),
+        }
+        if adapter.type == "loha":
+            return LoHaConfig(**common)
+        return LoKrConfig(**common, decompose_factor=adapter.decompose_factor)
+    if adapter.type == "prompt_tuning":
+        text_init: dict[str, Any] = {
+            "prompt_tuning_init": "TEXT",
+            "prompt_tuning_init_text": adapter.prompt_init_text,
+            "tokenizer_name_or_path": model.name_or_path,
+        }
+        return PromptTuningConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=adapter.num_virtual_tokens,
+            **(text_init if adapter.prompt_init_text is not None else {}),
+        )
+    if adapter.type == "prefix_tuning":
+        return PrefixTuningConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=adapter.num_virtual_tokens,
+            prefix_projection=adapter.prefix_projection,
+        )
+    raise ValueError(f"adapter type {adapter.type!r} has no peft config")  # `full` never gets here
+
+
+def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
+    """The stack of decoder blocks (model.model.layers for Llama-likes)."""
+    layers = getattr(model.get_decoder(), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ConfigError(
+            f"adapter.trainable_layers: no decoder layers found in a '{model.config.model_type}' model; "
+            "use adapter.trainable_modules (parameter-name patterns) instead"
+        )
+    return layers
+
+
+def freeze_except(model: PreTrainedModel, adapter: AdapterConfig | None) -> None:
+    """Full fine-tuning: train every weight, or only the chosen decoder layers and name patterns.
+
+    Raises:
+        ConfigError: a layer index is out of range, or a pattern matches no parameter.
+    """
+    if adapter is None or (adapter.trainable_layers is None and adapter.trainable_modules is None):
+        model.requires_grad_(True)
+        return
+    chosen: set[int] = set()
+    if adapter.trainable_layers is not None:
+        count = len(decoder_layers(model))
+        for index in adapter.trainable_layers:
+            if not -count <= index < count:
+                raise ConfigError(
+                    f"adapter.trainable_layers: layer {index} does not exist (the model has {count})"
+                )
+            chosen.add(index % count)
+    model.requires_grad_(False)
+    layers = decoder_layers(model) if chosen else nn.ModuleList()
+    for index in sorted(chosen):
+        layers[index].requires_grad_(True)
+    for pattern in adapter.trainable_modules or []:
+        matched = [p for name, p in model.named_parameters() if re.search(pattern, name)]
+        if not matched:
+            raise ConfigError(
+                f"adapter.trainable_modules: '{pattern}' matches no parameter name of the model"
+            )
+        for parameter in matched:
             parameter.requires_grad_(True)
+
+
+def attach_adapter(
+    model: PreTrainedModel, adapter: AdapterConfig | None, total_steps: int | None = None
+) -> nn.Module:
+    """Wrap the model with a fresh adapter, or choose the weights that train for full fine-tuning.
+
+    Args:
+        model: the loaded base model.
+        adapter: the adapter section; None or type `full` trains the model's own weights.
+        total_steps: optimizer steps planned (AdaLoRA needs them).
+    """
+    if adapter is None or adapter.type == "full":
+        freeze_except(model, adapter)
         wrapped: nn.Module = model
     else:
-        wrapped = get_peft_model(model, peft_config_for(model, adapter))
+        if getattr(model, "is_quantized", False):
+            from peft import prepare_model_for_kbit_training  # QLoRA only
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        wrapped = get_peft_model(model, peft_config_for(model, adapter, total_steps))
     log.info("%s", count_parameters(wrapped))
     return wrapped
 
 
 def load_adapter(model: PreTrainedModel, adapter_dir: str, trainable: bool = False) -> PeftModel:
     """Attach a saved peft adapter (from a run folder) to the base model."""
-    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+    with warnings.catch_warnings():
+        # AdaLoRA saves its pruned ranks as rank_pattern keyed by lora_E names; peft's generic
+        # target check misreads those keys and warns, while its loader does resize by them.
+        warnings.filterwarnings("ignore", message="The following rank_pattern keys did not match")
+        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+
+
+def _adalora_model(model: nn.Module) -> Any:
+    """The AdaLoraModel inside a peft wrapper, if that is the adapter being trained."""
+    base = getattr(model, "base_model", None)
+    return base if base is not None and hasattr(base, "update_and_allocate") else None
+
+
+def optimizer_step_hook(model: nn.Module) -> StepHook | None:
+    """What the training loop must call after each optimizer step (before zero_grad), if anything.
+
+    AdaLoRA re-allocates its rank budget from the gradients' importance scores; its schedule runs
+    over the loop's exact number of steps, which the hook receives.
+    """
+    adalora = _adalora_model(model)
+    if adalora is None:
+        return None
+
+    def update_ranks(step: int, total_steps: int) -> None:
+        for peft_config in adalora.peft_config.values():
+            peft_config.total_step = total_steps
+        adalora.update_and_allocate(step)
+
+    return update_ranks
+
+
+def adapter_penalty(model: nn.Module) -> torch.Tensor | None:
+    """AdaLoRA's orthogonality penalty on P and Q (mean ‖PPᵀ − I‖_F over matrices), times its weight.
+
+    peft adds it inside AdaLoraModel.forward only when the model computes the loss itself; our
+    objective computes the loss on target positions only, so it adds this term explicitly.
+    """
+    adalora = _adalora_model(model)
+    if adalora is None:
+        return None
+    name = adalora.trainable_adapter_name
+    weight = adalora.peft_config[name].orth_reg_weight
+    norms = []
+    for parameter_name, parameter in adalora.model.named_parameters():
+        if ("lora_A" in parameter_name or "lora_B" in parameter_name) and name in parameter_name:
+            product = parameter @ parameter.T if "lora_A" in parameter_name else parameter.T @ parameter
+            identity = torch.eye(product.shape[0], device=product.device, dtype=product.dtype)
+            norms.append(torch.linalg.matrix_norm(product - identity))
+    if not norms or weight == 0:
+        return None
+    penalty: torch.Tensor = weight * torch.stack(norms).mean()
+    return penalty
+
+
+def require_quantization_support(quantization: QuantizationConfig | None, backend: BackendConfig) -> None:
+    """Refuse quantized loading before any data or model is read, where it cannot work.
+
+    Raises:
+        ConfigError: no CUDA device, or bitsandbytes is not installed.
+    """
+    if quantization is None:
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"quantization: {quantization.bits}-bit loading (bitsandbytes) needs a CUDA GPU and this machine "
+            "has none; remove the quantization section to train in full precision"
+        )
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("quantization: needs the bitsandbytes package; pip install 'tunewright[quant]'")
+
+
+def check_continuable(from_run: str | Path, config: TunewrightConfig) -> Path:
+    """The run folder to continue training from, if it fits the new config.
+
+    Continuing trains the saved weights further (the adapter, or the full weights), so the new
+    config must name the same base model and the same adapter section.
+
+    Raises:
+        RunFolderError: the run is incomplete or saved no weights.
+        ConfigError: base_model or adapter differ from the run's.
+    """
+    run_dir = check_complete(from_run)
+    previous = load_run_config(run_dir)
+    if weights_kind(run_dir) == "none":
+        raise RunFolderError(
+            f"{run_dir}: the run saved no weights (trainer.type none); nothing to continue from"
+        )
+    if previous.base_model != config.base_model:
+        raise ConfigError(
+            f"base_model: '{config.base_model}' is not the base model of {run_dir} "
+            f"('{previous.base_model}'); "
+            "continue with the same base model"
+        )
+    if previous.adapter != config.adapter:
+        raise ConfigError(
+            f"adapter: differs from the adapter section of {run_dir}; continuing trains the saved weights, "
+            "so copy that run's adapter section"
+        )
+    return run_dir
+
+
+def weights_source(config: TunewrightConfig, from_run: Path | None) -> str:
+    """What to load as the base model: the run's full weights when continuing a full fine-tune."""
+    if from_run is not None and weights_kind(from_run) == "full":
+        return str(from_run)
+    return config.base_model
+
+
+def trainable_model(
+    model: PreTrainedModel, config: TunewrightConfig, total_steps: int, from_run: Path | None = None
+) -> nn.Module:
+    """The model ready to train: a fresh adapter, the saved adapter of `from_run` made trainable, or
+    (full fine-tuning) the model's own weights with the chosen ones unfrozen."""
+    if from_run is not None and weights_kind(from_run) == "adapter":
+        wrapped = load_adapter(model, str(from_run), trainable=True)
+        log.info("continuing from %s: %s", from_run, count_parameters(wrapped))
+        return wrapped
+    return attach_adapter(model, config.adapter, total_steps)

@@ -10,8 +10,18 @@ from typing import Any
 
 import pandas as pd
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 
-from tunewright.adapters import attach_adapter, count_parameters, load_adapter
+from tunewright.adapters import (
+    check_continuable,
+    count_parameters,
+    load_adapter,
+    optimizer_step_hook,
+    require_quantization_support,
+    trainable_model,
+    weights_source,
+)
+from tunewright.checkpoint import CHECKPOINT_DIR, load_checkpoint, run_fingerprint
 from tunewright.config import TunewrightConfig, load_config
 from tunewright.data import (
     Splits,
@@ -24,22 +34,32 @@ from tunewright.data import (
     render_prompts,
     split_frame,
 )
-from tunewright.errors import DataError, TunewrightError
-from tunewright.evaluate import evaluate_frame
+from tunewright.errors import ConfigError, DataError, RunFolderError, TrainingInterrupted, TunewrightError
+from tunewright.evaluate import evaluate_frame, write_confusion_matrix
+from tunewright.heads import (
+    classifier_examples,
+    label_indices,
+    label_texts,
+    label_vocabulary,
+    load_vocabulary,
+    save_category_state,
+)
 from tunewright.model import load_base_model, load_tokenizer, resolve_device
 from tunewright.objective import LanguageModelObjective
-from tunewright.predictor import TunedModel
+from tunewright.predictor import TunedModel, attach_category
 from tunewright.run import (
     append_log,
     check_complete,
     load_run_config,
+    resume_run,
     set_status,
     start_run,
     weights_kind,
     write_json_atomic,
     write_metrics,
 )
-from tunewright.train import fit
+from tunewright.speed import enable_gradient_checkpointing
+from tunewright.train import fit, total_optimizer_steps
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +123,20 @@ def _training_examples(tuned: TunedModel, frame: pd.DataFrame) -> list[Any]:
     prompt_ids = encode_prompts(render_prompts(frame, config), tuned.tokenizer, config.prompt.use_chat_template)
     prompt_ids, kept = fit_prompts(prompt_ids, tuned.max_input_len, config.preprocessing.overlong_prompts)
     targets = [str(frame[config.output_feature.name].iloc[row]) for row in kept]
+    if tuned.labels is not None:
+        targets = label_texts(targets, config.output_feature.name, "dataset")
+        if tuned.classifier is not None:
+            return classifier_examples(prompt_ids, label_indices(targets, tuned.labels))
     return build_examples(prompt_ids, targets, tuned.tokenizer, config.preprocessing.max_target_length)
+
+
+def _category_vocabulary(config: TunewrightConfig, splits: Splits) -> list[str] | None:
+    """Category outputs: the label set (config or training data), checked before any model loads."""
+    feature = config.output_feature
+    if feature.type != "category":
+        return None
+    seen = [*splits.train[feature.name], *splits.validation[feature.name]]
+    return label_vocabulary(feature, label_texts(seen, feature.name, "dataset"), "dataset")
 
 
 def train(
@@ -113,30 +146,57 @@ def train(
     validation: Dataset | None = None,
     overwrite: bool = False,
     show_progress: bool = True,
+    from_run: str | Path | None = None,
+    resume: bool = False,
 ) -> TrainResult:
     """Fine-tune (or, with trainer.type none, set up zero-shot) and write a complete run folder.
+
+    With `from_run`, training continues from that run's saved adapter (or full weights) on this
+    dataset instead of starting from a fresh adapter; the config must match the run's base_model
+    and adapter section.
+
+    With `resume`, an unfinished run in `output_dir` continues from its newest checkpoint and
+    ends exactly as an uninterrupted run would (a different model, adapter or dataset is refused).
 
     Everything that can be checked without the model (config, files, columns) is checked first.
     The run folder is marked complete only after every file is written.
     """
     config = load_config(config)
+    require_quantization_support(config.quantization, config.backend)
+    previous_run = check_continuable(from_run, config) if from_run is not None else None
     splits = _load_splits(config, dataset, validation)
+    vocabulary = _category_vocabulary(config, splits)
     run_dir = Path(output_dir)
-    start_run(run_dir, config, overwrite)
+    if resume and overwrite:
+        raise RunFolderError(f"{run_dir}: pass either --resume or --overwrite, not both")
+    fingerprint = run_fingerprint(config, splits.train, splits.validation)
+    checkpoint = resume_run(run_dir, config, fingerprint) if resume else None
+    if not resume:
+        start_run(run_dir, config, overwrite)
     try:
+        set_seed(config.trainer.seed)  # adapter initialisation, so a rerun with the same seed is identical
         accelerator = Accelerator(cpu=resolve_device(config.backend).type == "cpu")
-        loaded = load_base_model(config.base_model, config.backend, config.quantization, accelerator.device)
+        source = weights_source(config, previous_run)
+        loaded = load_base_model(source, config.backend, config.quantization, accelerator.device)
         started = time.perf_counter()
         summary: dict[str, Any] = {"type": config.trainer.type}
         if config.trainer.type == "none":
             tuned = TunedModel(loaded.model, loaded.tokenizer, config)
+            if vocabulary is not None:
+                attach_category(tuned, vocabulary)
             log.info("trainer.type is none: nothing is trained and no weights are saved")
         else:
-            tuned = TunedModel(attach_adapter(loaded.model, config.adapter), loaded.tokenizer, config)
-            report = count_parameters(tuned.model)
+            planned_steps = total_optimizer_steps(len(splits.train), config.trainer, accelerator.num_processes)
+            trainable = trainable_model(loaded.model, config, planned_steps, previous_run)
+            tuned = TunedModel(trainable, loaded.tokenizer, config)
+            if config.trainer.gradient_checkpointing:
+                enable_gradient_checkpointing(tuned.model)
+            if vocabulary is not None:
+                attach_category(tuned, vocabulary)
+            report = count_parameters(tuned.classifier or tuned.model)
             summary.update(trainable_parameters=report.trainable, total_parameters=report.total)
             result = fit(
-                LanguageModelObjective(tuned.model),
+                tuned.classifier or LanguageModelObjective(tuned.model),
                 _training_examples(tuned, splits.train),
                 _training_examples(tuned, splits.validation) if len(splits.validation) else [],
                 config.trainer,
@@ -144,6 +204,10 @@ def train(
                 loaded.tokenizer.pad_token_id,
                 on_log=lambda record: append_log(run_dir, record) if accelerator.is_main_process else None,
                 show_progress=show_progress,
+                after_optimizer_step=optimizer_step_hook(tuned.model),
+                checkpoint_dir=run_dir / CHECKPOINT_DIR,
+                fingerprint=fingerprint,
+                resume=load_checkpoint(checkpoint) if checkpoint is not None else None,
             )
             summary.update(steps=result.steps, best_val_loss=result.best_val_loss, stopped_early=result.stopped_early)
             tuned.model = accelerator.unwrap_model(tuned.model)
@@ -156,11 +220,18 @@ def train(
             frame = getattr(splits, split_name)
             if len(frame):
                 metrics[split_name] = evaluate_frame(tuned, frame, show_progress, split_name).metrics
+                if "confusion_matrix" in metrics[split_name] and accelerator.is_main_process:
+                    write_confusion_matrix(metrics[split_name], run_dir / f"confusion_matrix_{split_name}.png")
         if accelerator.is_main_process:
+            if tuned.labels is not None:
+                save_category_state(run_dir, tuned.labels, tuned.classifier.head if tuned.classifier else None)
             loaded.tokenizer.save_pretrained(run_dir)
             write_metrics(run_dir, metrics)
             set_status(run_dir, "complete", finished=time.time(), weights=weights_kind(run_dir))
         return TrainResult(run_dir=run_dir, model=tuned, metrics=metrics)
+    except TrainingInterrupted as error:
+        set_status(run_dir, "interrupted", error=str(error))
+        raise
     except KeyboardInterrupt:
         set_status(run_dir, "interrupted")
         raise
@@ -172,9 +243,18 @@ def train(
 def from_config(config: str | Path | dict[str, Any] | TunewrightConfig) -> TunedModel:
     """A zero-shot model straight from a config (no run folder): the base model as configured."""
     config = load_config(config)
+    require_quantization_support(config.quantization, config.backend)
     loaded = load_base_model(config.base_model, config.backend, config.quantization)
     loaded.model.eval()
-    return TunedModel(loaded.model, loaded.tokenizer, config)
+    tuned = TunedModel(loaded.model, loaded.tokenizer, config)
+    if config.output_feature.type == "category":
+        if config.output_feature.labels is None:
+            raise ConfigError(
+                "output_features[0].labels: a category model used straight from its config needs its labels "
+                "listed there (or train with trainer.type none to take them from the data)"
+            )
+        attach_category(tuned, config.output_feature.labels)
+    return tuned
 
 
 def load(run_dir: str | Path) -> TunedModel:
@@ -189,7 +269,12 @@ def load(run_dir: str | Path) -> TunedModel:
         loaded.tokenizer = load_tokenizer(str(run_dir), config.backend.trust_remote_code)
     model = load_adapter(loaded.model, str(run_dir)) if kind == "adapter" else loaded.model
     model.eval()
-    return TunedModel(model, loaded.tokenizer, config)
+    tuned = TunedModel(model, loaded.tokenizer, config)
+    if config.output_feature.type == "category":
+        attach_category(tuned, load_vocabulary(run_dir), run_dir)
+        if tuned.classifier is not None:
+            tuned.classifier.eval()
+    return tuned
 
 
 def _as_model(model: TunedModel | str | Path) -> TunedModel:
@@ -197,12 +282,16 @@ def _as_model(model: TunedModel | str | Path) -> TunedModel:
 
 
 def predict(model: TunedModel | str | Path, dataset: Dataset, output: str | Path | None = None,
-            show_progress: bool = False) -> pd.DataFrame:
-    """Predict for every row; returns (and optionally writes) the rows plus a `prediction` column."""
+            show_progress: bool = False, all_probabilities: bool = False) -> pd.DataFrame:
+    """Predict for every row; returns (and optionally writes) the rows plus a `prediction` column.
+
+    Category outputs add `prediction_probability`, and with `all_probabilities` a
+    `probability_<label>` column per label.
+    """
     tuned = _as_model(model)
     frame, source = as_frame(dataset)
     check_columns(frame, tuned.config.input_columns, source)
-    predictions = tuned.predict(frame, show_progress)
+    predictions = tuned.predict(frame, show_progress, all_probabilities)
     if output is not None:
         write_table(predictions, output)
     return predictions
@@ -216,6 +305,8 @@ def evaluate(model: TunedModel | str | Path, dataset: Dataset, output: str | Pat
     evaluation = evaluate_frame(tuned, frame, show_progress, source)
     if output is not None:
         write_json_atomic(Path(output), evaluation.metrics)
+        if "confusion_matrix" in evaluation.metrics:
+            write_confusion_matrix(evaluation.metrics, Path(output).with_suffix(".png"))
     if predictions_output is not None:
         write_table(evaluation.predictions, predictions_output)
     return evaluation.metrics

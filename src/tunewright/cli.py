@@ -84,11 +84,18 @@ def train(
     output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Run folder to write.")],
     validation: Annotated[Path | None, typer.Option(help="Separate validation file.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
+    from_run: Annotated[Path | None, typer.Option(
+        "--from-run", help="Continue training this run's adapter (or full weights) on the new dataset."
+    )] = None,
+    resume: Annotated[bool, typer.Option(
+        help="Continue the unfinished run in --output-dir from its newest checkpoint (bit-exact)."
+    )] = False,
 ) -> None:
     """Fine-tune a model (or set up zero-shot) and write a run folder."""
     from tunewright import api
 
-    result = api.train(config, dataset, output_dir, validation, overwrite, show_progress=not state["quiet"])
+    result = api.train(config, dataset, output_dir, validation, overwrite, show_progress=not state["quiet"],
+                       from_run=from_run, resume=resume)
     for split_name in ("validation", "test"):
         if split_name in result.metrics:
             print_metrics(f"{split_name} metrics", result.metrics[split_name])
@@ -109,14 +116,17 @@ def predict(
     output: Annotated[Path, typer.Option("--output", "-o", help="Predictions file (.csv, .jsonl, .parquet).")],
     model: Annotated[Path | None, typer.Option("--model", "-m", help="Run folder.")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="Config for zero-shot use.")] = None,
+    all_probabilities: Annotated[
+        bool, typer.Option("--all-probabilities", help="Category outputs: add a probability_<label> column per label.")
+    ] = False,
 ) -> None:
-    """Write the input rows plus a `prediction` column."""
+    """Write the input rows plus a `prediction` column (categories: and `prediction_probability`)."""
     from tunewright import api
 
     if output.suffix.lower() not in (".csv", ".jsonl", ".parquet"):
         raise TunewrightError(f"{output}: unknown output type '{output.suffix}'; use .csv, .jsonl or .parquet")
     tuned = _model_for(model, config)
-    frame = api.predict(tuned, dataset, output, show_progress=not state["quiet"])
+    frame = api.predict(tuned, dataset, output, show_progress=not state["quiet"], all_probabilities=all_probabilities)
     Console().print(f"wrote {len(frame)} predictions to {output}")
 
 
@@ -125,7 +135,9 @@ def evaluate(
     dataset: DatasetOption,
     model: Annotated[Path | None, typer.Option("--model", "-m", help="Run folder.")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="Config for zero-shot use.")] = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Metrics JSON file.")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Metrics JSON file (categories: the confusion matrix goes beside it as .png)."
+    )] = None,
     predictions: Annotated[Path | None, typer.Option(help="Also write the predictions here.")] = None,
 ) -> None:
     """Print (and optionally write) metrics on a labelled dataset."""
@@ -136,6 +148,83 @@ def evaluate(
     print_metrics("metrics", metrics)
     if output is None:
         Console().print_json(json.dumps(metrics))
+
+
+@app.command()
+def export(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Run folder.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write.")],
+    merge: Annotated[bool, typer.Option(
+        "--merge", help="Merge the adapter into the weights: a plain transformers model folder."
+    )] = False,
+    dtype: Annotated[str | None, typer.Option(help="Cast weights: float32, bfloat16 or float16.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing export folder.")] = False,
+) -> None:
+    """Export a run: a plain Hugging Face model folder (--merge, or full fine-tunes) or the adapter alone."""
+    from tunewright.export import export_run
+
+    if dtype not in (None, "float32", "bfloat16", "float16"):
+        raise TunewrightError(f"--dtype: unknown dtype '{dtype}'; use float32, bfloat16 or float16")
+    folder = export_run(model, output, merge, dtype, overwrite)  # type: ignore[arg-type]
+    Console().print(f"exported to {folder}")
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+def _serve_help(name: str) -> str:
+    from tunewright.config import ServeSettings
+
+    field = ServeSettings.model_fields[name]
+    return f"{field.description} (default: {field.default})"
+
+
+@app.command()
+def serve(
+    model: Annotated[list[str] | None, typer.Option(
+        "--model", "-m", help="Run folder, or NAME=RUN_FOLDER; repeat to serve several.")] = None,
+    config: Annotated[list[str] | None, typer.Option(
+        "--config", "-c", help="Zero-shot config, or NAME=CONFIG; repeatable.")] = None,
+    host: Annotated[str | None, typer.Option(help=_serve_help("host"))] = None,
+    port: Annotated[int | None, typer.Option(help=_serve_help("port"))] = None,
+    max_batch_size: Annotated[int | None, typer.Option(help=_serve_help("max_batch_size"))] = None,
+    batch_wait_ms: Annotated[float | None, typer.Option(help=_serve_help("batch_wait_ms"))] = None,
+    max_tokens: Annotated[int | None, typer.Option(help=_serve_help("max_tokens"))] = None,
+    max_body_bytes: Annotated[int | None, typer.Option(help=_serve_help("max_body_bytes"))] = None,
+    max_concurrent_requests: Annotated[int | None, typer.Option(
+        help=_serve_help("max_concurrent_requests"))] = None,
+    request_timeout_s: Annotated[float | None, typer.Option(
+        "--request-timeout", help=_serve_help("request_timeout_s"))] = None,
+    api_key: Annotated[str | None, typer.Option(
+        envvar="TUNEWRIGHT_API_KEY", show_envvar=True, help=_serve_help("api_key"))] = None,
+) -> None:
+    """Serve runs over an OpenAI-compatible HTTP API (completions, chat completions, /predict)."""
+    import signal
+
+    import pydantic
+    import uvicorn
+
+    from tunewright.config import ServeSettings
+    from tunewright.pool import load_models
+    from tunewright.serve import create_app
+
+    options = {"host": host, "port": port, "max_batch_size": max_batch_size, "batch_wait_ms": batch_wait_ms,
+               "max_tokens": max_tokens, "max_body_bytes": max_body_bytes, "api_key": api_key,
+               "max_concurrent_requests": max_concurrent_requests, "request_timeout_s": request_timeout_s}
+    try:
+        settings = ServeSettings(**{name: value for name, value in options.items() if value is not None})
+    except pydantic.ValidationError as error:
+        first = error.errors()[0]
+        raise TunewrightError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+    models = load_models(model or [], config or [])
+    console.print(f"serving {', '.join(models)} on http://{settings.host}:{settings.port}", highlight=False)
+    # On SIGTERM uvicorn stops accepting, lets in-flight requests finish, runs the app's shutdown and
+    # then re-raises the signal; this handler turns that last step into a clean exit (status 0).
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    uvicorn.run(create_app(models, settings), host=settings.host, port=settings.port,
+                log_level="warning" if state["quiet"] else "info",
+                timeout_graceful_shutdown=int(settings.request_timeout_s) + 1)
 
 
 def main() -> None:

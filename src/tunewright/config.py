@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunewright.errors import ConfigError
 from tunewright.prompt import default_template, template_fields
@@ -18,7 +18,8 @@ DEFAULT_BASE_MODEL = "smollm2-135m"
 class Section(BaseModel):
     """Base of every section: unknown keys are errors, assignments are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: no setting means anything at NaN or infinity (a learning rate of inf was accepted).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class InputFeature(Section):
@@ -48,6 +49,8 @@ class OutputFeature(Section):
                 raise ValueError("a category needs at least two labels")
             if len(set(self.labels)) != len(self.labels):
                 raise ValueError("labels must be distinct")
+            if any(not label.strip() or label != label.strip() for label in self.labels):
+                raise ValueError("labels must be non-empty and without surrounding spaces")
         return self
 
 
@@ -61,22 +64,121 @@ class PromptConfig(Section):
     )
 
 
+AdapterType = Literal["lora", "adalora", "ia3", "loha", "lokr", "prompt_tuning", "prefix_tuning", "full"]
+
+# The adapter types each type-specific key applies to. Setting a key that the chosen type would
+# ignore is an error, so a config never looks as if it did something it does not.
+ADAPTER_KEYS: dict[str, tuple[str, ...]] = {
+    "r": ("lora", "adalora", "loha", "lokr"),
+    "alpha": ("lora", "adalora", "loha", "lokr"),
+    "dropout": ("lora", "adalora"),
+    "target_modules": ("lora", "adalora", "ia3", "loha", "lokr"),
+    "bias": ("lora", "adalora"),
+    "use_rslora": ("lora",),
+    "use_dora": ("lora",),
+    "init_r": ("adalora",),
+    "tinit": ("adalora",),
+    "tfinal": ("adalora",),
+    "delta_t": ("adalora",),
+    "orth_reg_weight": ("adalora",),
+    "feedforward_modules": ("ia3",),
+    "rank_dropout": ("loha", "lokr"),
+    "module_dropout": ("loha", "lokr"),
+    "decompose_factor": ("lokr",),
+    "num_virtual_tokens": ("prompt_tuning", "prefix_tuning"),
+    "prompt_init_text": ("prompt_tuning",),
+    "prefix_projection": ("prefix_tuning",),
+    "trainable_layers": ("full",),
+    "trainable_modules": ("full",),
+}
+
+
 class AdapterConfig(Section):
-    type: Literal["lora"] = Field("lora", description="The peft adapter to train.")
-    r: int = Field(8, ge=1, description="LoRA rank.")
-    alpha: float = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input.")
-    target_modules: list[str] | Literal["all-linear"] | None = Field(
-        None, description="Module names to adapt; by default the attention q/v projections of the architecture."
+    """What trains: a peft adapter (mapped onto peft in adapters.py) or the model's own weights (`full`)."""
+
+    type: AdapterType = Field(
+        "lora",
+        description="`lora`, `adalora`, `ia3`, `loha`, `lokr`, `prompt_tuning`, `prefix_tuning`, or `full` "
+        "(no adapter: train the model's weights, optionally only some layers).",
     )
-    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases are trained.")
+    r: int = Field(8, ge=1, description="Rank (lora, loha, lokr); adalora: average rank kept after pruning.")
+    alpha: float = Field(16, gt=0, description="Scaling numerator: the update is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="lora/adalora: dropout on the adapter's input.")
+    target_modules: list[str] | Literal["all-linear"] | None = Field(
+        None,
+        description="Module names to adapt, or `all-linear`; by default per architecture (the attention q/v "
+        "projections; k/v/down projections for ia3).",
+    )
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="lora/adalora: which biases train.")
+    use_rslora: bool = Field(False, description="lora: rank-stabilised scaling alpha / sqrt(r).")
+    use_dora: bool = Field(False, description="lora: weight-decomposed LoRA (DoRA).")
+    init_r: int = Field(12, ge=1, description="adalora: rank of every module before pruning.")
+    tinit: int = Field(0, ge=0, description="adalora: warmup steps before ranks are pruned.")
+    tfinal: int = Field(0, ge=0, description="adalora: final steps trained with the ranks fixed.")
+    delta_t: int = Field(1, ge=1, description="adalora: steps between two rank re-allocations.")
+    orth_reg_weight: float = Field(0.5, ge=0, description="adalora: weight of the orthogonality penalty.")
+    feedforward_modules: list[str] | None = Field(
+        None, description="ia3: targets scaled at their input (feed-forward); default per architecture."
+    )
+    rank_dropout: float = Field(0.0, ge=0, lt=1, description="loha/lokr: dropout on each rank of the update.")
+    module_dropout: float = Field(0.0, ge=0, lt=1, description="loha/lokr: chance of skipping the adapter.")
+    decompose_factor: int = Field(-1, description="lokr: Kronecker factor size (-1: the most square split).")
+    num_virtual_tokens: int = Field(16, ge=1, description="prompt/prefix tuning: number of learned tokens.")
+    prompt_init_text: str | None = Field(
+        None, description="prompt_tuning: initialise the virtual tokens from this text (default: random)."
+    )
+    prefix_projection: bool = Field(False, description="prefix_tuning: learn the prefix through an MLP.")
+    trainable_layers: list[int] | None = Field(
+        None,
+        description="full: indices of the decoder layers to train (negative: from the end); the rest are "
+        "frozen. Null (and no trainable_modules): every weight trains.",
+    )
+    trainable_modules: list[str] | None = Field(
+        None,
+        description="full: regular expressions; parameters whose name matches one also train "
+        "(e.g. 'lm_head', 'model\\.norm').",
+    )
+
+    @model_validator(mode="after")
+    def _keys_apply_to_type(self) -> AdapterConfig:
+        # A key left at its default is fine: resolved configs (saved with every run) hold every key.
+        for key in sorted(self.model_fields_set):
+            applies_to = ADAPTER_KEYS.get(key)
+            default = type(self).model_fields[key].default
+            if applies_to is not None and self.type not in applies_to and getattr(self, key) != default:
+                raise ValueError(
+                    f"'{key}' does not apply to type '{self.type}' (only to {', '.join(applies_to)}); "
+                    "remove it"
+                )
+        if self.type == "adalora" and self.r > self.init_r:
+            message = f"r ({self.r}) is the rank kept after pruning; it cannot exceed init_r ({self.init_r})"
+            raise ValueError(message)
+        return self
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        """Virtual tokens (prompt/prefix tuning): nothing to merge into the weights."""
+        return self.type in ("prompt_tuning", "prefix_tuning")
 
 
 class QuantizationConfig(Section):
+    """QLoRA: the frozen base model is loaded in 4 or 8 bits through bitsandbytes (CUDA only)."""
+
     bits: Literal[4, 8] = Field(4, description="Load the base model in 4 or 8 bits (bitsandbytes, CUDA only).")
-    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
-    double_quant: bool = Field(True, description="Quantize the quantization constants too.")
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Matmul dtype.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4 bits only: the 4-bit data type.")
+    double_quant: bool = Field(True, description="4 bits only: quantize the quantization constants too.")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="4 bits only: dtype of the matmuls on dequantized weights."
+    )
+
+    @model_validator(mode="after")
+    def _four_bit_keys(self) -> QuantizationConfig:
+        defaults = type(self).model_fields
+        changed = {key for key in self.model_fields_set if getattr(self, key) != defaults[key].default}
+        four_bit_only = sorted({"quant_type", "double_quant", "compute_dtype"} & changed)
+        if self.bits == 8 and four_bit_only:
+            raise ValueError(f"'{four_bit_only[0]}' applies to bits 4 only; remove it or set bits: 4")
+        return self
 
 
 class TrainerConfig(Section):
@@ -105,6 +207,36 @@ class TrainerConfig(Section):
     )
     seed: int = Field(42, description="Seed for weights, shuffling and dropout.")
     log_every: int = Field(1, ge=1, description="Write a training-log line every N optimizer steps.")
+    checkpoint_steps: int | None = Field(
+        100, ge=1, description="Save a resumable checkpoint every N optimizer steps (null: only when "
+        "interrupted by SIGTERM or Ctrl-C)."
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="How many of the newest checkpoints are kept.")
+    on_nonfinite: Literal["stop", "skip_batch"] = Field(
+        "stop", description="A NaN/infinite loss or gradient: `stop` the run (the last checkpoint stays), or "
+        "`skip_batch`: drop that optimizer step and go on."
+    )
+    max_skipped_steps: int = Field(
+        10, ge=1, description="With on_nonfinite skip_batch: stop once this many steps were skipped."
+    )
+    halve_batch_on_oom: bool = Field(
+        False, description="On out-of-memory in a step, halve the micro-batch and double gradient accumulation "
+        "(same effective batch and loss) and retry; one process only."
+    )
+    packing: bool = Field(
+        True, description="Pack each micro-batch's samples into full rows (positions restart per sample, "
+        "no attention across samples) instead of padding them; same loss, fewer wasted tokens."
+    )
+    group_by_length: bool = Field(
+        False, description="Without packing: batch samples of similar length together to cut padding."
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Training math: `auto` is bf16 autocast on CUDA with bf16 and on CPUs with native "
+        "bf16 matmuls (AVX512-BF16/AMX), else fp32 (emulated bf16 is slower than fp32)."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, about 30% more compute."
+    )
 
 
 class GenerationSettings(Section):
@@ -135,11 +267,12 @@ class PreprocessingConfig(Section):
         "truncate", description="What to do with prompts longer than the maximum input length."
     )
 
-    @model_validator(mode="after")
-    def _split_sums_to_one(self) -> PreprocessingConfig:
-        if abs(sum(self.split) - 1.0) > 1e-6:
-            raise ValueError(f"split fractions must add up to 1, got {list(self.split)}")
-        return self
+    @field_validator("split")
+    @classmethod
+    def _split_sums_to_one(cls, split: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(part < 0 for part in split) or abs(sum(split) - 1.0) > 1e-6:
+            raise ValueError(f"fractions must be non-negative and add up to 1, got {list(split)}")
+        return split
 
 
 class BackendConfig(Section):
@@ -149,6 +282,24 @@ class BackendConfig(Section):
     )
     max_memory_per_gpu: str | None = Field(None, description="Cap per GPU with device_map=auto, e.g. '20GiB'.")
     trust_remote_code: bool = Field(False, description="Allow model code from the Hub (off: it runs code).")
+    allow_pickle_weights: bool = Field(
+        False, description="Also load pickle weight files (.bin/.pt) when a model has no safetensors; they can "
+        "run code when loaded, so only for sources you trust."
+    )
+
+
+class ServeSettings(Section):
+    """Settings of `tunewright serve` (CLI options, not part of a model's YAML config)."""
+
+    host: str = Field("127.0.0.1", description="Address to bind; loopback by default.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
+    max_batch_size: int = Field(16, ge=1, description="Requests generated together in one batch (1: no batching).")
+    batch_wait_ms: float = Field(10.0, ge=0, description="How long the first request of a batch waits for others.")
+    max_tokens: int = Field(512, ge=1, description="Most new tokens one request may ask for.")
+    max_body_bytes: int = Field(2 * 1024 * 1024, ge=1, description="Largest request body accepted (413 beyond).")
+    max_concurrent_requests: int = Field(64, ge=1, description="Requests in flight at once (429 beyond).")
+    request_timeout_s: float = Field(300.0, gt=0, description="A request running longer is cancelled (504).")
+    api_key: str | None = Field(None, description="When set, every endpoint but /health needs this bearer key.")
 
 
 class TunewrightConfig(Section):
@@ -171,6 +322,13 @@ class TunewrightConfig(Section):
             raise ValueError(
                 f"output_features: only a single output feature is supported, got {len(self.output_features)}"
             )
+        if self.quantization is not None and (self.adapter is None or self.adapter.type == "full"):
+            raise ValueError(
+                "quantization: quantized weights cannot be fully fine-tuned; set adapter.type (e.g. lora) "
+                "or remove the quantization section"
+            )
+        if self.quantization is not None and self.backend.device == "cpu":
+            raise ValueError("quantization: 4/8-bit loading needs CUDA but backend.device is 'cpu'; remove one")
         input_names = [feature.name for feature in self.input_features]
         if len(set(input_names)) != len(input_names):
             raise ValueError("input_features: feature names must be distinct")
@@ -266,12 +424,13 @@ def validate_config(raw: Any, source: str = "config") -> TunewrightConfig:
     try:
         return TunewrightConfig.model_validate(raw)
     except ValidationError as error:
-        problems = [_describe(item) for item in error.errors()]
+        # Keys and values may hold line breaks; the CLI prints one line, so they are shown escaped.
+        problems = [_describe(item).replace("\r", "\\r").replace("\n", "\\n") for item in error.errors()]
         count = f"{len(problems)} errors: " if len(problems) > 1 else ""
         raise ConfigError(f"{source}: {count}{'; '.join(problems)}") from None
 
 
-def load_config(source: str | Path | dict[str, Any] | TunewrightConfig) -> TunewrightConfig:
+def load_config(source: str | Path | dict[str, Any] | TunewrightConfig | Any) -> TunewrightConfig:
     """Read and validate a config from a YAML file, a dict or an existing config object.
 
     Raises:
@@ -279,7 +438,7 @@ def load_config(source: str | Path | dict[str, Any] | TunewrightConfig) -> Tunew
     """
     if isinstance(source, TunewrightConfig):
         return source
-    if isinstance(source, dict):
+    if not isinstance(source, str | Path):
         return validate_config(source)
     path = Path(source)
     if not path.is_file():

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -40,6 +42,42 @@ class Splits:
     test: pd.DataFrame
 
 
+def _first_bad_utf8_line(path: Path) -> int:
+    """1-based number of the first line that is not valid UTF-8 (0 if none is)."""
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return line_number
+    return 0
+
+
+def _unique_keys(path: Path, line_number: int) -> Any:
+    """A json object_pairs_hook that refuses duplicate keys (json.loads would keep the last silently)."""
+
+    def build(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        row: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in row:
+                raise DataError(f"{path}:{line_number}: key '{key}' appears more than once; keep one")
+            row[key] = value
+        return row
+
+    return build
+
+
+def _check_csv_header(path: Path, separator: str) -> None:
+    """Duplicate column names: pandas would silently rename the second 'x' to 'x.1'."""
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        header = next(csv.reader(handle, delimiter=separator), [])
+    seen: set[str] = set()
+    for name in header:
+        if name in seen:
+            raise DataError(f"{path}:1: column '{name}' appears more than once in the header; rename one")
+        seen.add(name)
+
+
 def _read_jsonl(path: Path) -> pd.DataFrame:
     rows = []
     with path.open("rb") as handle:
@@ -51,7 +89,7 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
             if not text:
                 continue
             try:
-                row = json.loads(text)
+                row = json.loads(text, object_pairs_hook=_unique_keys(path, line_number))
             except json.JSONDecodeError as error:
                 raise DataError(f"{path}:{line_number}: malformed JSON line ({error.msg}); fix or remove it") from None
             if not isinstance(row, dict):
@@ -76,13 +114,11 @@ def read_table(path: str | Path) -> pd.DataFrame:
         if kind == "jsonl":
             frame = _read_jsonl(path)
         elif kind in ("csv", "tsv"):
-            frame = pd.read_csv(path, sep="," if kind == "csv" else "\t", dtype=str, keep_default_na=False,
-                                na_values=[""], encoding="utf-8")
-            duplicated = [name for name in frame.columns if "." in name and name.rsplit(".", 1)[0] in frame.columns
-                          and name.rsplit(".", 1)[1].isdigit()]
-            if duplicated:
-                original = duplicated[0].rsplit(".", 1)[0]
-                raise DataError(f"{path}: column '{original}' appears more than once in the header; rename one")
+            separator = "," if kind == "csv" else "\t"
+            _check_csv_header(path, separator)
+            # utf-8-sig: a byte-order mark (Excel writes one) would otherwise stick to the first column name.
+            frame = pd.read_csv(path, sep=separator, dtype=str, keep_default_na=False, na_values=[""],
+                                encoding="utf-8-sig")
         elif kind == "json":
             frame = pd.read_json(path)
         else:
@@ -90,7 +126,9 @@ def read_table(path: str | Path) -> pd.DataFrame:
     except DataError:
         raise
     except UnicodeDecodeError:
-        raise DataError(f"{path}: not valid UTF-8; re-encode the file as UTF-8") from None
+        line = _first_bad_utf8_line(path)
+        where = f"{path}:{line}" if line else str(path)
+        raise DataError(f"{where}: not valid UTF-8; re-encode the file as UTF-8") from None
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: the file is empty; it needs a header and at least one row") from None
     except (ValueError, OSError, pd.errors.ParserError) as error:
@@ -98,6 +136,9 @@ def read_table(path: str | Path) -> pd.DataFrame:
         raise DataError(f"{path}: could not read the {kind.upper()} file ({first_line})") from None
     if len(frame) == 0:
         raise DataError(f"{path}: no data rows (only a header or nothing); add rows")
+    duplicated = frame.columns[frame.columns.duplicated()]
+    if len(duplicated):
+        raise DataError(f"{path}: column '{duplicated[0]}' appears more than once; rename one")
     return frame
 
 
@@ -115,7 +156,9 @@ def drop_null_rows(frame: pd.DataFrame, columns: Sequence[str], source: str) -> 
     """Rows with an empty needed cell are dropped, counted and reported, never silently."""
     null_rows = frame[list(columns)].isna().any(axis=1)
     if null_rows.any():
-        log.warning("%s: dropped %d row(s) with empty cells in %s", source, int(null_rows.sum()), ", ".join(columns))
+        first = [str(position + 1) for position in null_rows.to_numpy().nonzero()[0][:5]]
+        log.warning("%s: dropped %d row(s) with empty cells in %s (data rows %s%s)", source, int(null_rows.sum()),
+                    ", ".join(columns), ", ".join(first), ", ..." if null_rows.sum() > len(first) else "")
         frame = frame[~null_rows].reset_index(drop=True)
     if len(frame) == 0:
         raise DataError(f"{source}: no rows left after dropping rows with empty cells in {', '.join(columns)}")

@@ -37,3 +37,11 @@ class TrainingError(TunewrightError):
     """Training stopped on a fault (non-finite loss, out of memory)."""
 
     exit_code = 6
+
+
+class TrainingInterrupted(TrainingError):
+    """SIGTERM or Ctrl-C stopped training after a checkpoint was saved; the exit code is 128 + the signal."""
+
+    def __init__(self, message: str, signal_number: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signal_number

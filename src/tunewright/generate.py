@@ -1,14 +1,24 @@
-"""Batched, left-padded generation with the prompt sliced off at the known input length."""
+"""Batched, left-padded generation with the prompt sliced off at the known input length.
+
+Greedy decoding (the default) runs our own loop: one prefill with the LM head on the last
+position only, then one token per step from a KV cache, and rows that have stopped leave the
+batch, so the cost of a batch follows its live rows instead of its longest answer. It calls
+the same forward as transformers' `generate` with the same inputs (positions from the padding
+mask), so its tokens equal `generate`'s (tests/test_generate.py). Sampling, beams and a
+repetition penalty go through `generate` itself.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from tunewright.config import GenerationSettings
 from tunewright.data import collate_prompts
+from tunewright.objective import uses_virtual_tokens
 from tunewright.progress import work_progress
 
 
@@ -43,6 +53,50 @@ def trim_at_stop(ids: Sequence[int], stop_ids: set[int]) -> list[int]:
     return out
 
 
+def uses_greedy_loop(model: nn.Module, settings: GenerationSettings) -> bool:
+    """Our loop covers plain greedy decoding; everything else is transformers' `generate`."""
+    plain = settings.repetition_penalty is None or settings.repetition_penalty == 1.0
+    return not settings.do_sample and settings.num_beams == 1 and plain and not uses_virtual_tokens(model)
+
+
+def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded prompts, as transformers' generate builds them (padding at 0)."""
+    positions = attention_mask.long().cumsum(-1) - 1  # (B, T)
+    return positions.masked_fill(attention_mask == 0, 0)
+
+
+@torch.inference_mode()
+def greedy_decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                  stop_ids: set[int]) -> list[list[int]]:
+    """Greedy new tokens of each left-padded row, up to and including its first stop token.
+
+    Each step feeds only the newest token against the KV cache and computes logits for it alone;
+    rows that emitted a stop token are dropped from the batch and from the cache.
+    """
+    results: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+    live = torch.arange(input_ids.shape[0], device=input_ids.device)  # (b,): original row of each live row
+    positions = prompt_positions(attention_mask)
+    output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                   logits_to_keep=1)
+    cache, next_positions = output.cache, positions[:, -1:] + 1  # (b, 1)
+    stop = torch.tensor(sorted(stop_ids), device=input_ids.device)
+    for step in range(max_new_tokens):
+        tokens = output.logits[:, -1].argmax(dim=-1)  # (b,)
+        for row, token in zip(live.tolist(), tokens.tolist(), strict=True):
+            results[row].append(token)
+        keep = ~torch.isin(tokens, stop)  # (b,)
+        if step == max_new_tokens - 1 or not keep.any():
+            break
+        if not keep.all():
+            cache.batch_select_indices(keep.nonzero().squeeze(1))
+            live, tokens, attention_mask, next_positions = live[keep], tokens[keep], attention_mask[keep], next_positions[keep]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(live), 1)], dim=1)  # (b, T+1)
+        output = model(input_ids=tokens.unsqueeze(1), attention_mask=attention_mask, position_ids=next_positions,
+                       cache=cache, use_cache=True)
+        next_positions = next_positions + 1
+    return results
+
+
 @torch.inference_mode()
 def generate_ids(
     model: PreTrainedModel,
@@ -54,6 +108,7 @@ def generate_ids(
     """Generate for every prompt, in batches sorted by length to cut padding; results keep input order."""
     config = to_generation_config(settings, tokenizer)
     stop_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+    greedy = uses_greedy_loop(model, settings)
     order = sorted(range(len(prompt_ids)), key=lambda row: len(prompt_ids[row]), reverse=True)
     results: list[list[int]] = [[] for _ in prompt_ids]
     device = next(model.parameters()).device
@@ -61,8 +116,12 @@ def generate_ids(
         for start in range(0, len(order), settings.batch_size):
             rows = order[start : start + settings.batch_size]
             batch = {k: v.to(device) for k, v in collate_prompts([prompt_ids[r] for r in rows], tokenizer.pad_token_id).items()}
-            output = model.generate(**batch, generation_config=config)  # (B, T + new)
-            new_tokens = output[:, batch["input_ids"].shape[1] :].tolist()
+            if greedy:
+                new_tokens = greedy_decode(model, batch["input_ids"], batch["attention_mask"],
+                                           config.max_new_tokens, stop_ids)
+            else:
+                output = model.generate(**batch, generation_config=config)  # (B, T + new)
+                new_tokens = output[:, batch["input_ids"].shape[1] :].tolist()
             for row, tokens in zip(rows, new_tokens, strict=True):
                 results[row] = trim_at_stop(tokens, stop_ids)
             progress.update(advance=len(rows))

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
 import sacrebleu
 from rouge_score import rouge_scorer
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 from torchmetrics.functional.text import char_error_rate
 
 
@@ -57,4 +59,77 @@ def text_metrics(predictions: Sequence[str], targets: Sequence[str]) -> dict[str
         "bleu": float(sacrebleu.corpus_bleu(predictions, [targets]).score),
         "rouge_l": sum(rouge_l) / len(rouge_l),
         "char_error_rate": cer,
+    }
+
+
+# --- category outputs ------------------------------------------------------------------------------
+
+
+def expected_calibration_error(
+    confidences: Sequence[float], correct: Sequence[bool], num_bins: int = 10
+) -> float:
+    """ECE: the |accuracy - confidence| gap of equal-width confidence bins, weighted by bin size.
+
+    Bins are (0, 1/n], (1/n, 2/n], ..., as in Guo et al. (2017), "On Calibration of Modern Neural Networks".
+    """
+    if len(confidences) != len(correct):
+        raise ValueError(f"{len(confidences)} confidences for {len(correct)} outcomes")
+    if not confidences:
+        return 0.0
+    confidence = np.asarray(confidences, dtype=np.float64)
+    hits = np.asarray(correct, dtype=np.float64)
+    bins = np.clip(np.ceil(confidence * num_bins).astype(int) - 1, 0, num_bins - 1)
+    error = 0.0
+    for bin_index in range(num_bins):
+        members = bins == bin_index
+        if members.any():
+            error += members.mean() * abs(hits[members].mean() - confidence[members].mean())
+    return float(error)
+
+
+def label_cross_entropy(
+    log_probs: Sequence[Sequence[float]], target_indices: Sequence[int | None]
+) -> float | None:
+    """Mean −log p(gold label) over rows whose gold label is known (None: unseen label, skipped)."""
+    pairs = zip(log_probs, target_indices, strict=True)
+    values = [-float(row[index]) for row, index in pairs if index is not None]
+    return sum(values) / len(values) if values else None
+
+
+def category_metrics(
+    predictions: Sequence[str], targets: Sequence[str], confidences: Sequence[float], labels: Sequence[str]
+) -> dict[str, Any]:
+    """Accuracy, macro-F1, per-class precision/recall/F1, confusion matrix and ECE (scikit-learn).
+
+    Targets outside `labels` (unseen at training time) count as errors: they lower accuracy and
+    appear as extra rows of the confusion matrix, after the known labels.
+
+    Args:
+        predictions: the predicted label of each row.
+        targets: the gold label of each row.
+        confidences: the predicted label's probability for each row.
+        labels: the label vocabulary, in model order.
+    """
+    if not (len(predictions) == len(targets) == len(confidences)):
+        raise ValueError(
+            f"{len(predictions)} predictions, {len(targets)} targets, {len(confidences)} confidences"
+        )
+    if not targets:
+        return {}
+    known = list(labels)
+    unseen = sorted(set(targets) - set(known))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        targets, predictions, labels=known, average=None, zero_division=0
+    )
+    matrix = confusion_matrix(targets, predictions, labels=[*known, *unseen])
+    correct = [p == t for p, t in zip(predictions, targets, strict=True)]
+    return {
+        "accuracy": float(accuracy_score(targets, predictions)),
+        "macro_f1": float(f1_score(targets, predictions, labels=known, average="macro", zero_division=0)),
+        "expected_calibration_error": expected_calibration_error(list(confidences), correct),
+        "per_class": {
+            label: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for label, p, r, f, s in zip(known, precision, recall, f1, support, strict=True)
+        },
+        "confusion_matrix": {"labels": [*known, *unseen], "matrix": matrix.tolist()},
     }

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -118,7 +121,26 @@ def resolve_model_source(base_model: str) -> str:
         return str(path)
     if base_model.startswith((".", "/", "~")) or base_model.count("/") > 1:
         raise ModelLoadError(f"base_model: folder {path} not found")
+    if not hub_reachable():
+        raise ModelLoadError(
+            f"base_model '{base_model}': not a local folder or file, and the Hugging Face Hub is not reachable "
+            "(offline); pass a local model folder, a .gguf file or 'smollm2-135m'"
+        )
     return base_model  # a Hub id
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """A quick check before asking the Hub: offline, transformers retries for about a minute."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
 
 
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None) -> None:
@@ -158,6 +180,60 @@ def _quantization_kwargs(quantization: QuantizationConfig | None, device: torch.
     }
 
 
+# Weight files that are Python pickles: loading one can run arbitrary code.
+PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_safetensors_file(path: Path) -> None:
+    """Check that a .safetensors file is whole: its header parses and the file holds every byte it lists.
+
+    Cheap (reads the header only), and it turns the loaders' cryptic failures on a truncated or
+    damaged download into a message naming the file.
+
+    Raises:
+        ModelLoadError: the file is missing, truncated or its header is corrupted.
+    """
+    fix = "re-download, re-export or retrain to replace it"
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as stream:
+            prefix = stream.read(8)
+            header_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+            if header_len < 2 or 8 + header_len > size:
+                raise ModelLoadError(f"{path}: truncated or corrupted safetensors file (bad header length); {fix}")
+            header = json.loads(stream.read(header_len))
+    except OSError as error:
+        raise ModelLoadError(f"{path}: cannot read the weights file ({error.strerror}); {fix}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ModelLoadError(f"{path}: corrupted safetensors file (its header is not valid JSON); {fix}") from None
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{path}: corrupted safetensors file (unexpected header); {fix}")
+    ends = [entry["data_offsets"][1] for name, entry in header.items()
+            if name != "__metadata__" and isinstance(entry, dict) and len(entry.get("data_offsets", ())) == 2]
+    expected = 8 + header_len + max(ends, default=0)
+    if size < expected:
+        raise ModelLoadError(
+            f"{path}: truncated safetensors file ({size} of {expected} bytes); {fix}"
+        )
+
+
+def check_weights_folder(folder: Path, allow_pickle: bool = False) -> None:
+    """A local model or adapter folder: every safetensors file whole, and no pickle-only weights.
+
+    Raises:
+        ModelLoadError: a damaged safetensors file, or only pickle weights without the opt-in.
+    """
+    safetensors = sorted(folder.glob("*.safetensors"))
+    for path in safetensors:
+        check_safetensors_file(path)
+    pickles = sorted(path.name for path in folder.iterdir() if path.suffix in PICKLE_WEIGHT_SUFFIXES)
+    if pickles and not safetensors and not allow_pickle:
+        raise ModelLoadError(
+            f"{folder}: holds only pickle weights ({', '.join(pickles)}), which can run code when loaded; "
+            "convert them to safetensors, or set backend.allow_pickle_weights: true if you trust the source"
+        )
+
+
 def load_tokenizer(source: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
@@ -173,7 +249,8 @@ def _load_failure(source: str, error: Exception) -> str:
             f"base_model '{source}': could not load it from the Hugging Face Hub (offline or unknown id: "
             f"{type(error).__name__}); pass a local model folder, a .gguf file or 'smollm2-135m'"
         )
-    return f"base_model '{source}': could not load the model ({type(error).__name__}: {error})"
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"base_model '{source}': could not load the model ({type(error).__name__}: {first_line})"
 
 
 def load_base_model(
@@ -189,10 +266,14 @@ def load_base_model(
     """
     device = device or resolve_device(backend)
     source = resolve_model_source(base_model)
+    if Path(source).is_dir():
+        check_weights_folder(Path(source), backend.allow_pickle_weights)
     kwargs: dict[str, object] = {
         "dtype": resolve_dtype(backend, device),
         "trust_remote_code": backend.trust_remote_code,
-        "use_safetensors": True if Path(source).exists() else None,
+        # Pickle weights (.bin) load only with backend.allow_pickle_weights (transformers then reads them with
+        # torch.load(weights_only=True)); otherwise safetensors or nothing, for local folders and the Hub alike.
+        "use_safetensors": None if backend.allow_pickle_weights else True,
     }
     if device.type == "cuda":
         kwargs["attn_implementation"] = "sdpa"

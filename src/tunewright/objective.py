@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunewright.adapters import adapter_penalty
 from tunewright.data import IGNORE_INDEX
 
 
@@ -55,8 +56,10 @@ class LanguageModelObjective(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, **_: torch.Tensor) -> LossOutput:
+        # Packed rows (packing.py) come without attention_mask: their restarting position_ids
+        # make transformers build the block-diagonal causal mask (or flash-attention varlen).
         next_labels = labels[:, 1:]  # (B, T-1): token t is predicted at position t-1
         mask = next_labels != IGNORE_INDEX  # (B, T-1)
         if uses_virtual_tokens(self.model):
@@ -69,5 +72,8 @@ class LanguageModelObjective(nn.Module):
         targets = next_labels[mask]  # (N,)
         logits = logits.float()
         loss_sum = F.cross_entropy(logits, targets, reduction="sum")
+        penalty = adapter_penalty(self.model) if self.training else None
+        if penalty is not None:  # AdaLoRA: once per step after fit() divides by the window's target tokens
+            loss_sum = loss_sum + penalty * mask.sum()
         correct = (logits.argmax(dim=-1) == targets).sum()
         return LossOutput(loss_sum=loss_sum, count=mask.sum(), correct=correct)

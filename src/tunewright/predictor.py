@@ -2,33 +2,60 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
+import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from tunewright.config import GenerationSettings, TunewrightConfig
 from tunewright.data import encode_prompts, fit_prompts, render_prompts
 from tunewright.generate import generate_texts
+from tunewright.heads import (
+    ClassifierObjective,
+    classifier_log_probs,
+    encode_labels,
+    label_start_tokens,
+    load_head,
+    score_labels,
+)
 from tunewright.model import max_input_length
+from tunewright.progress import work_progress
+
+log = logging.getLogger(__name__)
 
 PREDICTION_COLUMN = "prediction"
+PROBABILITY_COLUMN = "prediction_probability"
+LABEL_PROBABILITY_PREFIX = "probability_"
 
 
 @dataclass
 class TunedModel:
-    """What `tunewright.load` returns: everything needed to predict, evaluate, serve or export."""
+    """What `tunewright.load` returns: everything needed to predict, evaluate, serve or export.
+
+    Category outputs also carry their label vocabulary, and for the classifier decoder the
+    objective that holds the trained head (it shares `model`).
+    """
 
     model: nn.Module
     tokenizer: PreTrainedTokenizerBase
     config: TunewrightConfig
+    labels: list[str] | None = None
+    classifier: ClassifierObjective | None = None
 
     @property
     def max_input_len(self) -> int:
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        return max_input_length(base, self.config.generation.max_new_tokens, self.config.preprocessing.max_input_length)
+        cap = self.config.preprocessing.max_input_length
+        return max_input_length(base, self.config.generation.max_new_tokens, cap)
+
+    @property
+    def is_category(self) -> bool:
+        return self.config.output_feature.type == "category"
 
     def encode_texts(self, prompts: Sequence[str]) -> list[list[int]]:
         """Rendered prompts -> token ids, truncated (never dropped) to the maximum input length."""
@@ -45,10 +72,74 @@ class TunedModel:
         settings = settings or self.config.generation
         return generate_texts(self.model, self.tokenizer, self.encode_texts(prompts), settings, show_progress)
 
-    def predict(self, frame: pd.DataFrame, show_progress: bool = False) -> pd.DataFrame:
-        """The input rows with a `prediction` column added."""
+    def label_log_probs(self, prompt_ids: Sequence[list[int]], show_progress: bool = False) -> torch.Tensor:
+        """(N, L) log-probabilities of each label, in batches sorted by length (results keep input order)."""
+        if self.labels is None:
+            raise ValueError("label_log_probs needs a category model with a label vocabulary")
+        feature = self.config.output_feature
+        pad_id = self.tokenizer.pad_token_id
+        batch_size = self.config.trainer.eval_batch_size or self.config.trainer.batch_size
+        label_ids = encode_labels(self.tokenizer, self.labels) if feature.decoder == "label_scoring" else []
+        order = sorted(range(len(prompt_ids)), key=lambda row: len(prompt_ids[row]), reverse=True)
+        result = torch.zeros(len(prompt_ids), len(self.labels))
+        with work_progress(len(prompt_ids), "scoring labels", show_progress) as progress:
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                batch = [prompt_ids[row] for row in rows]
+                if self.classifier is not None:
+                    result[rows] = classifier_log_probs(self.classifier, batch, pad_id)
+                else:
+                    scores = score_labels(self.model, batch, label_ids, pad_id, feature.score_normalization)
+                    result[rows] = scores.log_softmax(dim=-1)
+                progress.update(advance=len(rows))
+        return result
+
+    def predict_labels(self, frame: pd.DataFrame, show_progress: bool = False,
+                       all_probabilities: bool = False) -> tuple[pd.DataFrame, torch.Tensor]:
+        """The rows with `prediction` (label) and `prediction_probability`, and the (N, L) log-probs."""
+        assert self.labels is not None
+        log_probs = self.label_log_probs(self.encode_frame(frame), show_progress)
+        probabilities = log_probs.exp()
+        best = probabilities.argmax(dim=-1)
+        result = frame.copy()
+        result[PREDICTION_COLUMN] = [self.labels[index] for index in best.tolist()]
+        result[PROBABILITY_COLUMN] = probabilities.max(dim=-1).values.tolist()
+        if all_probabilities:
+            for position, label in enumerate(self.labels):
+                result[f"{LABEL_PROBABILITY_PREFIX}{label}"] = probabilities[:, position].tolist()
+        return result, log_probs
+
+    def predict(self, frame: pd.DataFrame, show_progress: bool = False,
+                all_probabilities: bool = False) -> pd.DataFrame:
+        """The input rows with a `prediction` column added (and, for categories, its probability).
+
+        Args:
+            frame: rows holding the input columns.
+            show_progress: show a progress bar.
+            all_probabilities: categories only: add a `probability_<label>` column per label.
+        """
+        if self.is_category:
+            return self.predict_labels(frame, show_progress, all_probabilities)[0]
         ids = self.encode_frame(frame)
         texts = generate_texts(self.model, self.tokenizer, ids, self.config.generation, show_progress)
         result = frame.copy()
         result[PREDICTION_COLUMN] = texts
         return result
+
+
+def attach_category(tuned: TunedModel, vocabulary: Sequence[str], run_dir: Path | None = None) -> TunedModel:
+    """Give a category model its label vocabulary and, for the classifier decoder, its head.
+
+    The head is loaded from `run_dir` when given; otherwise it is new, reading each label's first
+    token(s) from the averaged probabilities (see ClassifierObjective).
+    """
+    tuned.labels = list(vocabulary)
+    if tuned.config.output_feature.decoder == "classifier":
+        starts = label_start_tokens(tuned.tokenizer, vocabulary)
+        tuned.classifier = ClassifierObjective(tuned.model, len(vocabulary), starts)
+        if run_dir is not None:
+            load_head(run_dir, tuned.classifier)
+        elif tuned.config.trainer.type == "none":
+            log.warning("decoder classifier with trainer.type none: the head is untrained (it only reads the "
+                        "labels' first tokens); decoder label_scoring is the zero-shot method")
+    return tuned

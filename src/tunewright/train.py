@@ -8,17 +8,36 @@ from contextlib import nullcontext
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from torch import nn
 
+from tunewright.checkpoint import (
+    Checkpoint,
+    TrainerState,
+    capture_rng_state,
+    checkpoint_name,
+    restore_rng_state,
+    save_checkpoint,
+)
 from tunewright.config import TrainerConfig
 from tunewright.data import IGNORE_INDEX, Example, collate_training
-from tunewright.errors import TrainingError
+from tunewright.errors import RunFolderError, TrainingError
+from tunewright.faults import (
+    StopNow,
+    StopRequest,
+    interruption,
+    is_out_of_memory,
+    skip_nonfinite_step,
+    step_is_finite,
+)
 from tunewright.objective import LossOutput
+from tunewright.packing import collate_micro_batch, group_by_length, supports_packing
 from tunewright.progress import NullProgress, TrainingProgress
+from tunewright.speed import autocast_for
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +50,8 @@ class FitResult:
     best_val_loss: float | None
     stopped_early: bool
     history: list[dict[str, Any]] = field(default_factory=list)
+    skipped_steps: list[int] = field(default_factory=list)  # non-finite steps skipped (on_nonfinite: skip_batch)
+    checkpoint: Path | None = None  # the newest checkpoint written or resumed from
 
 
 def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
@@ -56,12 +77,18 @@ def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int) -> 
     return [order[start : start + batch_size] for start in range(0, num_examples, batch_size)]
 
 
-def optimizer_windows(num_examples: int, cfg: TrainerConfig, world_size: int) -> Iterator[tuple[int, list[list[int]]]]:
-    """Yield (epoch, micro-batches of one optimizer step across all processes), forever over epochs."""
+def optimizer_windows(num_examples: int, cfg: TrainerConfig, world_size: int,
+                      lengths: Sequence[int] | None = None) -> Iterator[tuple[int, list[list[int]]]]:
+    """Yield (epoch, micro-batches of one optimizer step across all processes), forever over epochs.
+
+    With `lengths` and trainer.group_by_length (and no packing), batches hold samples of similar length.
+    """
     per_step = cfg.gradient_accumulation_steps * world_size
     epoch = 0
     while True:
         batches = epoch_batches(num_examples, cfg.batch_size, cfg.seed, epoch)
+        if lengths is not None and cfg.group_by_length and not cfg.packing:
+            batches = group_by_length(batches, lengths, cfg.seed, epoch)
         for start in range(0, len(batches), per_step):
             yield epoch, batches[start : start + per_step]
         epoch += 1
@@ -116,6 +143,127 @@ def evaluate_loss(objective: nn.Module, examples: Sequence[Example], batch_size:
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "token_accuracy": (totals[2] / count).item()}
 
 
+@dataclass
+class StepContext:
+    """What every optimizer step needs, bundled so that the step helpers stay small."""
+
+    objective: nn.Module
+    optimizer: Any
+    parameters: list[nn.Parameter]
+    examples: Sequence[Example]
+    lengths: list[int]
+    cfg: TrainerConfig
+    accelerator: Accelerator
+    pad_id: int
+    packing: bool
+    autocast: Any
+    stop: StopRequest
+
+
+def split_micro_batches(batches: Sequence[list[int]], size: int) -> list[list[int]]:
+    """Cut each batch into micro-batches of at most `size` (the order of samples is kept)."""
+    return [batch[start : start + size] for batch in batches for start in range(0, len(batch), size)]
+
+
+def accumulate_window(ctx: StepContext, window: Sequence[list[int]], micro_size: int) -> tuple[float, int]:
+    """Forward and backward every micro-batch of one optimizer step; returns (loss, real tokens)."""
+    accelerator, world_size = ctx.accelerator, ctx.accelerator.num_processes
+    micro_batches = split_micro_batches(window[accelerator.process_index :: world_size], micro_size)
+    window_tokens = max(1, target_token_count(ctx.examples, [i for batch in window for i in batch]))
+    step_loss, tokens = 0.0, 0
+    for micro_index, indices in enumerate(micro_batches):
+        if world_size == 1 and ctx.stop.signal_number is not None:
+            raise StopNow
+        batch = collate_micro_batch([ctx.examples[i] for i in indices], ctx.pad_id, ctx.packing)
+        batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+        # Gradients are synchronised once per optimizer step, on its last micro-batch.
+        sync = micro_index == len(micro_batches) - 1
+        with nullcontext() if sync else accelerator.no_sync(ctx.objective):
+            with ctx.autocast:
+                out: LossOutput = ctx.objective(**batch)
+            # DDP averages gradients over processes, so scale the sum back up by world_size.
+            loss = out.loss_sum * world_size / window_tokens
+            penalty = regularization_penalty(ctx.parameters, ctx.cfg)
+            if penalty is not None:
+                loss = loss + penalty / len(micro_batches)
+            accelerator.backward(loss)
+        step_loss += out.loss_sum.item() / window_tokens
+        tokens += sum(ctx.lengths[i] for i in indices)  # real tokens, padding excluded
+    return step_loss * world_size, tokens
+
+
+def window_with_retry(ctx: StepContext, step: int, window: Sequence[list[int]], micro_size: int,
+                      rng: dict[str, Any]) -> tuple[float, int, int]:
+    """One optimizer step; on out-of-memory (if enabled) halve the micro-batch and redo the whole step.
+
+    Halving keeps the samples of the step and the token normalisation, so the loss is the same;
+    only the number of micro-batches (gradient accumulation) grows. Returns (loss, tokens, micro size).
+    """
+    while True:
+        try:
+            step_loss, tokens = accumulate_window(ctx, window, micro_size)
+            return step_loss, tokens, micro_size
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+        # Outside the except block, so the traceback and the tensors it holds are released first.
+        ctx.optimizer.zero_grad(set_to_none=True)
+        if ctx.accelerator.device.type == "cuda":
+            torch.cuda.empty_cache()
+        where = f"out of memory at optimizer step {step + 1} with a micro-batch of {micro_size}"
+        if not ctx.cfg.halve_batch_on_oom:
+            raise TrainingError(f"{where}; set trainer.halve_batch_on_oom: true, or lower trainer.batch_size "
+                                "and raise trainer.gradient_accumulation_steps (same effective batch)")
+        if ctx.accelerator.num_processes > 1:
+            raise TrainingError(f"{where}; halve_batch_on_oom needs a single process: lower trainer.batch_size")
+        if micro_size == 1:
+            raise TrainingError(f"{where}; shorten the inputs (preprocessing.max_input_length) or set "
+                                "trainer.gradient_checkpointing: true")
+        restore_rng_state(rng)  # the retried step draws the same dropout masks as a first try would
+        micro_size = (micro_size + 1) // 2
+        log.warning("%s: retrying with micro-batches of %d (same effective batch)", where, micro_size)
+
+
+def track_validation(state: TrainerState, val_loss: float, objective: nn.Module, accelerator: Accelerator,
+                     best_weights: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    """Early-stopping bookkeeping; returns the best weights so far."""
+    if state.best_val_loss is None or val_loss < state.best_val_loss:
+        state.best_val_loss = val_loss
+        state.evals_without_improvement = 0
+        return trainable_state(accelerator.unwrap_model(objective))
+    state.evals_without_improvement += 1
+    return best_weights
+
+
+def save_training_checkpoint(directory: Path, state: TrainerState, ctx: StepContext, scheduler: Any,
+                             best_weights: dict[str, torch.Tensor] | None) -> Path:
+    """Checkpoint at an optimizer-step boundary (main process writes; all wait for it)."""
+    accelerator = ctx.accelerator
+    if accelerator.is_main_process:
+        training_state = {"optimizer": ctx.optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                          "rng": capture_rng_state()}
+        weights = trainable_state(accelerator.unwrap_model(ctx.objective))
+        save_checkpoint(directory, state, weights, best_weights, training_state, ctx.cfg.keep_checkpoints)
+    accelerator.wait_for_everyone()
+    return directory / checkpoint_name(state.step)
+
+
+def restore_checkpoint(objective: nn.Module, optimizer: Any, scheduler: Any, checkpoint: Checkpoint) -> None:
+    """Weights, optimizer and scheduler from a checkpoint (before accelerator.prepare wraps them)."""
+    expected = {name for name, parameter in objective.named_parameters() if parameter.requires_grad}
+    saved = set(checkpoint.weights)
+    missing, unexpected = sorted(expected - saved), sorted(saved - expected)
+    if missing or unexpected:
+        example = (missing or unexpected)[0]
+        raise RunFolderError(
+            f"{checkpoint.path}: its weights do not match the model ({len(missing)} missing, {len(unexpected)} "
+            f"unexpected, e.g. {example}); resume with the base model and adapter it was made with"
+        )
+    objective.load_state_dict(checkpoint.weights, strict=False)
+    optimizer.load_state_dict(checkpoint.training_state["optimizer"])
+    scheduler.load_state_dict(checkpoint.training_state["scheduler"])
+
+
 def fit(
     objective: nn.Module,
     train_examples: Sequence[Example],
@@ -125,14 +273,32 @@ def fit(
     pad_id: int,
     on_log: LogFn | None = None,
     show_progress: bool = True,
+    after_optimizer_step: Callable[[int, int], None] | None = None,
+    checkpoint_dir: Path | None = None,
+    fingerprint: dict[str, str] | None = None,
+    resume: Checkpoint | None = None,
 ) -> FitResult:
     """Train the trainable parameters of `objective` and keep the best validation weights.
+
+    `after_optimizer_step(steps_done, total_steps)`, if given, runs after each optimizer step and
+    before the gradients are cleared (AdaLoRA re-allocates its ranks there; see adapters.py).
 
     The loss of every optimizer step is the sum over its target tokens divided by the number of
     target tokens in the whole accumulation window (on every process), so accumulation and
     padding never change its value.
+
+    With `checkpoint_dir`, checkpoints are saved every trainer.checkpoint_steps and on SIGTERM or
+    Ctrl-C (then TrainingInterrupted is raised). With `resume`, training continues from that
+    checkpoint and reproduces the uninterrupted run exactly: the batch order is a pure function of
+    (seed, epoch), so skipping the first `step` optimizer windows restores the data position.
+
+    Raises:
+        TrainingError: a non-finite loss or gradient (on_nonfinite: stop), or out of memory.
+        TrainingInterrupted: SIGTERM or Ctrl-C; a checkpoint was saved first.
     """
     torch.manual_seed(cfg.seed)
+    packing = cfg.packing and supports_packing(objective)
+    autocast = autocast_for(cfg.precision, accelerator.device)
     parameters = trainable_parameters(objective)
     if not parameters:
         raise TrainingError("nothing to train: no parameter requires a gradient (check the adapter config)")
@@ -143,76 +309,99 @@ def fit(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, total_steps, warmup_steps, cfg.lr_scheduler)
     )
-    objective, optimizer, scheduler = accelerator.prepare(objective, optimizer, scheduler)
+    state = resume.state if resume is not None else TrainerState(fingerprint=fingerprint or {})
+    state.micro_batch_size = state.micro_batch_size or cfg.batch_size
+    best_weights = resume.best_weights if resume is not None else None
+    if resume is not None:
+        restore_checkpoint(objective, optimizer, scheduler, resume)
+        log.info("Resuming from %s (optimizer step %d of %d)", resume.path, state.step, total_steps)
+    # The scheduler stays unprepared: Accelerate's wrapper steps it once per process, and our
+    # step count is already per optimizer step across all processes.
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+    if resume is not None:
+        restore_rng_state(resume.training_state["rng"])
     objective.train()
     eval_batch_size = cfg.eval_batch_size or cfg.batch_size
     eval_every = cfg.eval_every or max(1, total_steps // cfg.epochs if cfg.max_steps is None else total_steps)
     progress = TrainingProgress(total_steps) if show_progress and accelerator.is_main_process else NullProgress()
-    result = FitResult(steps=0, best_val_loss=None, stopped_early=False)
-    best_weights: dict[str, torch.Tensor] | None = None
-    evals_without_improvement = 0
+    lengths = [len(example.input_ids) for example in train_examples]
+    stop = StopRequest()
+    ctx = StepContext(objective, optimizer, parameters, train_examples, lengths, cfg, accelerator, pad_id,
+                      packing, autocast, stop)
+    last_checkpoint = resume.path if resume is not None else None
     started, tokens_seen = time.perf_counter(), 0
 
-    with progress:
-        for step, (epoch, window) in enumerate(optimizer_windows(len(train_examples), cfg, world_size)):
-            if step >= total_steps:
+    def save() -> Path | None:
+        nonlocal last_checkpoint
+        if checkpoint_dir is not None:
+            last_checkpoint = save_training_checkpoint(checkpoint_dir, state, ctx, scheduler, best_weights)
+        return last_checkpoint
+
+    with progress, stop:
+        progress.update(None, advance=state.step)
+        for step, (epoch, window) in enumerate(optimizer_windows(len(train_examples), cfg, world_size, lengths)):
+            if step < state.step:
+                continue  # trained before the checkpoint this run resumed from
+            if step >= total_steps or state.stopped_early:
                 break
-            my_batches = window[accelerator.process_index :: world_size]
-            window_tokens = target_token_count(train_examples, [i for batch in window for i in batch])
-            step_loss = 0.0
-            for micro_index, indices in enumerate(my_batches):
-                batch = collate_training([train_examples[i] for i in indices], pad_id)
-                batch = {key: value.to(accelerator.device) for key, value in batch.items()}
-                # Gradients are synchronised once per optimizer step, on its last micro-batch.
-                sync = micro_index == len(my_batches) - 1
-                with nullcontext() if sync else accelerator.no_sync(objective):
-                    out: LossOutput = objective(**batch)
-                    # DDP averages gradients over processes, so scale the sum back up by world_size.
-                    loss = out.loss_sum * world_size / max(1, window_tokens)
-                    penalty = regularization_penalty(parameters, cfg)
-                    if penalty is not None:
-                        loss = loss + penalty / len(my_batches)
-                    if not torch.isfinite(loss):
-                        raise TrainingError(f"training stopped at step {step + 1}: the loss is {loss.item()}")
-                    accelerator.backward(loss)
-                step_loss += out.loss_sum.item() / max(1, window_tokens)
-                tokens_seen += int(batch["attention_mask"].sum())
-            if cfg.max_grad_norm is not None:
-                accelerator.clip_grad_norm_(parameters, cfg.max_grad_norm)
-            optimizer.step()
+            if stop.requested(accelerator):
+                raise interruption(stop, state.step, save())
+            rng = capture_rng_state()
+            try:
+                step_loss, tokens, state.micro_batch_size = window_with_retry(
+                    ctx, step, window, state.micro_batch_size, rng
+                )
+            except StopNow:
+                # Drop the unfinished window; restoring the RNG makes the resumed run draw the same numbers.
+                optimizer.zero_grad(set_to_none=True)
+                restore_rng_state(rng)
+                raise interruption(stop, state.step, save()) from None
+            tokens_seen += tokens
+            if step_is_finite(step_loss, parameters, accelerator):
+                if cfg.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(parameters, cfg.max_grad_norm)
+                optimizer.step()
+                if after_optimizer_step is not None:
+                    after_optimizer_step(step + 1, total_steps)
+            else:
+                skip_nonfinite_step(state, step + 1, epoch, step_loss, cfg, last_checkpoint)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            result.steps = step + 1
+            state.step = step + 1
             elapsed = time.perf_counter() - started
+            skipped = state.step in state.skipped_steps
             record: dict[str, Any] = {
-                "step": step + 1, "epoch": epoch, "loss": step_loss * world_size,
+                "step": state.step, "epoch": epoch, "loss": None if skipped else step_loss,
                 "learning_rate": scheduler.get_last_lr()[0], "tokens_per_s": tokens_seen * world_size / elapsed,
             }
-            if val_examples and (result.steps % eval_every == 0 or result.steps == total_steps):
+            if skipped:
+                record["skipped"] = True
+            if state.micro_batch_size != cfg.batch_size:
+                record["micro_batch_size"] = state.micro_batch_size
+            if val_examples and (state.step % eval_every == 0 or state.step == total_steps):
                 metrics = evaluate_loss(objective, val_examples, eval_batch_size, pad_id, accelerator)
                 record["val_loss"] = metrics["loss"]
-                if result.best_val_loss is None or metrics["loss"] < result.best_val_loss:
-                    result.best_val_loss = metrics["loss"]
-                    evals_without_improvement = 0
-                    best_weights = trainable_state(accelerator.unwrap_model(objective))
-                else:
-                    evals_without_improvement += 1
-            progress.update(record)
-            if result.steps % cfg.log_every == 0 or "val_loss" in record:
-                result.history.append(record)
+                best_weights = track_validation(state, metrics["loss"], objective, accelerator, best_weights)
+            progress.update(None if skipped else record)
+            if state.step % cfg.log_every == 0 or "val_loss" in record:
+                state.history.append(record)
                 if on_log is not None:
                     on_log(record)
-            if cfg.early_stopping_patience and evals_without_improvement >= cfg.early_stopping_patience:
+            if cfg.early_stopping_patience and state.evals_without_improvement >= cfg.early_stopping_patience:
                 log.info("Early stopping at step %d: no better validation loss in %d evaluations",
-                         result.steps, evals_without_improvement)
-                result.stopped_early = True
-                break
+                         state.step, state.evals_without_improvement)
+                state.stopped_early = True
+            if cfg.checkpoint_steps and state.step % cfg.checkpoint_steps == 0:
+                save()
+        if stop.requested(accelerator):
+            raise interruption(stop, state.step, save())
 
     unwrapped = accelerator.unwrap_model(objective)
     if best_weights is not None:
         unwrapped.load_state_dict(best_weights, strict=False)
     objective.eval()
-    return result
+    return FitResult(steps=state.step, best_val_loss=state.best_val_loss, stopped_early=state.stopped_early,
+                     history=state.history, skipped_steps=state.skipped_steps, checkpoint=last_checkpoint)
 
 
 def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:

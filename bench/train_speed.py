@@ -1,0 +1,285 @@
+"""Training speed: tunewright against transformers Trainer + peft and trl SFTTrainer, in one run.
+
+Same model (smollm2-135m, fp32, CPU), same data (the first 100 Stanford Alpaca rows, the
+instruction + input as a chat user turn -> the output + EOS, tokenized once by tunewright and
+cut to 256 tokens), same settings (LoRA r=8, alpha 16, dropout 0.05 on q_proj/v_proj; batch 4;
+AdamW at a constant 2e-4; clip 1.0; one epoch), four ways:
+
+- `tunewright`: `tunewright.train.fit` with packing (its default);
+- `trainer_peft`: transformers `Trainer` + peft, rows padded to the longest in each batch;
+- `trl`: trl `SFTTrainer` on the same token ids and completion masks, no packing;
+- `trl_packing`: the same with `packing=True` (trl's best-fit-decreasing packing, padding-free).
+
+Each run is a fresh subprocess (so peak RSS is its own), and the runs are interleaved round by
+round, so the machine's load falls on all of them alike. Throughput counts real (non-padding)
+tokens from the second optimizer step on (the first one warms up kernels and allocators).
+The fp32 and bf16 matmul limits are measured in the same run, before and after.
+
+    .venv/bin/python bench/train_speed.py --rounds 2 --out bench/results/train_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from matmul_limit import measure  # noqa: E402
+
+ALPACA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca" / "alpaca_data_first200.json"
+ROWS, MAX_LENGTH, BATCH_SIZE, LEARNING_RATE, SEED = 100, 256, 4, 2e-4, 42
+METHODS = ["tunewright", "trainer_peft", "trl", "trl_packing"]
+
+
+# --- shared setup (inside each worker) -------------------------------------------------------
+
+
+def load_model_and_examples() -> tuple[Any, Any, list[Any]]:
+    """smollm2-135m in fp32 and the tokenized Alpaca rows, exactly as tunewright builds them."""
+    from tunewright.config import BackendConfig
+    from tunewright.data import build_examples, encode_prompts
+    from tunewright.model import load_base_model
+
+    rows = json.loads(ALPACA.read_text(encoding="utf-8"))[:ROWS]
+    prompts = [row["instruction"] + (f"\n\n{row['input']}" if row["input"] else "") for row in rows]
+    loaded = load_base_model("smollm2-135m", BackendConfig(device="cpu", dtype="float32"))
+    prompt_ids = encode_prompts(prompts, loaded.tokenizer, use_chat_template=True)
+    examples = build_examples(prompt_ids, [row["output"] for row in rows], loaded.tokenizer)
+    for example in examples:  # the same max length for everyone: cut the end of long samples
+        example.input_ids, example.labels = example.input_ids[:MAX_LENGTH], example.labels[:MAX_LENGTH]
+    return loaded.model, loaded.tokenizer, examples
+
+
+def lora_config() -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.05,
+                      target_modules=["q_proj", "v_proj"], bias="none")
+
+
+class StepClock:
+    """Timestamps of optimizer steps, and the real tokens each one trained on."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = [time.perf_counter()]
+        self.tokens: list[int] = []
+        self.losses: list[float] = []
+
+    def summary(self) -> dict[str, Any]:
+        # Steps 2..n: the first step pays for one-off warm-up work.
+        seconds = self.times[-1] - self.times[1]
+        tokens = sum(self.tokens[1 : len(self.times) - 1])
+        return {"steps": len(self.times) - 1, "timed_tokens": tokens, "timed_seconds": seconds,
+                "tokens_per_s": tokens / seconds, "total_tokens": sum(self.tokens),
+                "losses": self.losses, "final_loss": statistics.mean(self.losses[-5:]),
+                "mean_loss": statistics.mean(self.losses)}
+
+
+# --- the four workers ----------------------------------------------------------------------------
+
+
+def run_tunewright(clock: StepClock) -> None:
+    from accelerate import Accelerator
+    from peft import get_peft_model
+
+    from tunewright.config import TrainerConfig
+    from tunewright.objective import LanguageModelObjective
+    from tunewright.train import fit, optimizer_windows
+
+    model, tokenizer, examples = load_model_and_examples()
+    torch.manual_seed(SEED)
+    model = get_peft_model(model, lora_config())
+    cfg = TrainerConfig(epochs=1, batch_size=BATCH_SIZE, learning_rate=LEARNING_RATE, lr_scheduler="constant",
+                        max_grad_norm=1.0, seed=SEED, packing=True)
+    windows = optimizer_windows(len(examples), cfg, 1)
+    plan = [next(windows)[1] for _ in range(-(-len(examples) // BATCH_SIZE))]
+
+    def on_log(record: dict[str, Any]) -> None:
+        clock.times.append(time.perf_counter())
+        clock.tokens.append(sum(len(examples[i].input_ids) for batch in plan[record["step"] - 1] for i in batch))
+        clock.losses.append(record["loss"])
+
+    clock.times[0] = time.perf_counter()
+    fit(LanguageModelObjective(model), examples, [], cfg, Accelerator(cpu=True), tokenizer.pad_token_id,
+        on_log=on_log, show_progress=False)
+
+
+def hf_callback(clock: StepClock, counted: list[int]) -> Any:
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003, ANN201
+            clock.times[0] = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003, ANN201
+            clock.times.append(time.perf_counter())
+            clock.tokens.append(counted.pop(0))
+
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001, ANN003, ANN201
+            if logs and "loss" in logs:
+                clock.losses.append(float(logs["loss"]))
+
+    return Clock()
+
+
+def counting(collator: Any, counted: list[int]) -> Any:
+    """Wrap a collator to record each batch's real tokens (non-padding)."""
+
+    def collate(features: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = collator(features)
+        mask = batch.get("attention_mask")
+        counted.append(int(mask.sum()) if mask is not None else int(batch["input_ids"].numel()))
+        return batch
+
+    return collate
+
+
+def common_args() -> dict[str, Any]:
+    return {"per_device_train_batch_size": BATCH_SIZE, "num_train_epochs": 1, "learning_rate": LEARNING_RATE,
+            "lr_scheduler_type": "constant", "warmup_steps": 0, "max_grad_norm": 1.0, "weight_decay": 0.0,
+            "logging_steps": 1, "save_strategy": "no", "report_to": "none", "use_cpu": True, "seed": SEED,
+            "dataloader_num_workers": 0, "disable_tqdm": True}
+
+
+def run_trainer_peft(clock: StepClock) -> None:
+    from datasets import Dataset
+    from peft import get_peft_model
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    model, tokenizer, examples = load_model_and_examples()
+    torch.manual_seed(SEED)
+    model = get_peft_model(model, lora_config())
+    dataset = Dataset.from_list([{"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids),
+                                  "labels": e.labels} for e in examples])
+    counted: list[int] = []
+    collator = counting(DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100), counted)
+    args = TrainingArguments(output_dir="/tmp/tunewright-bench-trainer", **common_args())
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                      callbacks=[hf_callback(clock, counted)])
+    trainer.train()
+
+
+def run_trl(clock: StepClock, packing: bool) -> None:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    model, tokenizer, examples = load_model_and_examples()
+    torch.manual_seed(SEED)
+    # Pre-tokenized rows: trl skips its own tokenization and trains on exactly our token ids.
+    dataset = Dataset.from_list([{"input_ids": e.input_ids,
+                                  "completion_mask": [int(label != -100) for label in e.labels]} for e in examples])
+    counted: list[int] = []
+    args = SFTConfig(output_dir="/tmp/tunewright-bench-trl", max_length=MAX_LENGTH, packing=packing,
+                     completion_only_loss=True, **common_args())
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=lora_config(), callbacks=[hf_callback(clock, counted)])
+    trainer.data_collator = counting(trainer.data_collator, counted)
+    trainer.train()
+
+
+def worker(method: str) -> dict[str, Any]:
+    torch.set_num_threads(2)
+    clock = StepClock()
+    if method == "tunewright":
+        run_tunewright(clock)
+    elif method == "trainer_peft":
+        run_trainer_peft(clock)
+    else:
+        run_trl(clock, packing=method == "trl_packing")
+    # ru_maxrss is in KiB on Linux: the whole process, model and data included.
+    return {"method": method, **clock.summary(),
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+# --- the driver ----------------------------------------------------------------------------------
+
+
+def flops_per_token(target_fraction: float) -> dict[str, float]:
+    """Matmul FLOPs per trained token of SmolLM2-135M with LoRA (see BENCHMARKS.md for the counting)."""
+    hidden, layers, inter, kv, vocab = 576, 30, 1536, 192, 49152
+    linear = layers * (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter)  # 106M frozen weights
+    total_params = linear + vocab * hidden + layers * 2 * hidden + hidden  # 134.5M (tied embeddings)
+    # Frozen weights: forward 2N + input-gradient 2N (no weight gradient); LM head on target tokens only.
+    useful = 4 * linear + 4 * vocab * hidden * target_fraction
+    return {"useful": useful, "six_n": 6 * total_params, "linear_params": linear, "total_params": total_params}
+
+
+def run_worker(method: str) -> dict[str, Any]:
+    command = [sys.executable, __file__, "--worker", method]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{method} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker)))
+        return
+
+    methods = args.methods.split(",")
+    matmul = [measure(2)]
+    runs: dict[str, list[dict[str, Any]]] = {method: [] for method in methods}
+    for round_index in range(args.rounds):
+        for method in methods:
+            result = run_worker(method)
+            runs[method].append(result)
+            print(f"round {round_index + 1} {method}: {result['tokens_per_s']:.1f} tokens/s, "
+                  f"loss {result['final_loss']:.3f}, peak RSS {result['peak_rss_mib']:.0f} MiB", flush=True)
+    matmul.append(measure(2))
+
+    fp32_limit = max(m["fp32_gflops"] for m in matmul)
+    report: dict[str, Any] = {"rows": ROWS, "max_length": MAX_LENGTH, "batch_size": BATCH_SIZE,
+                              "matmul": matmul, "fp32_limit_gflops": fp32_limit, "methods": {}}
+    target_fraction = target_token_fraction()
+    flops = flops_per_token(target_fraction)
+    report["flops_per_token"] = flops
+    report["target_fraction"] = target_fraction
+    for method, results in runs.items():
+        speed = statistics.median(r["tokens_per_s"] for r in results)
+        report["methods"][method] = {
+            "tokens_per_s_median": speed, "tokens_per_s_runs": [r["tokens_per_s"] for r in results],
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in results),
+            "final_loss": statistics.mean(r["final_loss"] for r in results),
+            "mean_loss": statistics.mean(r["mean_loss"] for r in results),
+            "steps": results[0]["steps"], "total_tokens": results[0]["total_tokens"],
+            "fraction_of_fp32_matmul_limit": speed * flops["useful"] / 1e9 / fp32_limit,
+            "mfu_6n": speed * flops["six_n"] / 1e9 / fp32_limit, "runs": results,
+        }
+    if "tunewright" in runs:
+        ours = report["methods"]["tunewright"]["tokens_per_s_median"]
+        report["ratios"] = {f"tunewright_vs_{method}": ours / report["methods"][method]["tokens_per_s_median"]
+                            for method in runs if method != "tunewright"}
+    report["ceiling_tokens_per_s"] = fp32_limit * 1e9 / flops["useful"]
+    print(json.dumps({k: v for k, v in report.items() if k != "methods"}, indent=1))
+    for method, entry in report["methods"].items():
+        print(method, {k: v for k, v in entry.items() if k != "runs"})
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+
+
+def target_token_fraction() -> float:
+    """Share of real tokens that are targets (where the LM head runs in tunewright)."""
+    _, _, examples = load_model_and_examples()
+    real = sum(len(e.input_ids) for e in examples)
+    return sum(sum(label != -100 for label in e.labels[1:]) for e in examples) / real
+
+
+if __name__ == "__main__":
+    main()

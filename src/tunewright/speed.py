@@ -1,0 +1,59 @@
+"""Training speed switches: mixed precision per device, and gradient checkpointing."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from typing import Literal
+
+import torch
+from torch import nn
+
+MixedPrecision = Literal["no", "bf16"]
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX).
+
+    Without it oneDNN emulates bf16 and a matmul runs about 5x slower than in fp32
+    (bench/train_speed.py measures both), so autocast would only cost time.
+    """
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def mixed_precision_for(precision: str, device: torch.device) -> MixedPrecision:
+    """Resolve `trainer.precision` for this device (the names are Accelerate's `mixed_precision`).
+
+    `auto` picks bf16 autocast where bf16 matmuls are fast (CUDA with bf16, CPUs with
+    AVX512-BF16/AMX) and fp32 elsewhere. The weights stay in their loaded dtype either way.
+    """
+    if precision == "bf16":
+        return "bf16"
+    if precision == "fp32":
+        return "no"
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if cpu_has_native_bf16() else "no"
+
+
+def autocast_for(precision: str, device: torch.device) -> AbstractContextManager[object]:
+    """The context that runs a training forward pass at the resolved precision.
+
+    Our own autocast rather than `Accelerator(mixed_precision=...)`: Accelerate keeps one
+    process-wide state that refuses a second, different setting, so one process could not train
+    twice with different precisions. The loss is computed in fp32 either way (objective.py).
+    """
+    if mixed_precision_for(precision, device) == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer's activations in the backward pass instead of storing them.
+
+    Non-reentrant checkpointing works with frozen embeddings (LoRA) without forcing the inputs
+    to require gradients.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.config.use_cache = False
