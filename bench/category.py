@@ -41,7 +41,7 @@ TASKS: dict[str, dict[str, Any]] = {
 
 
 def config_for(
-    name: str, decoder: str, trainer: dict[str, Any], with_task: bool = True
+    name: str, decoder: str, trainer: dict[str, Any], with_task: bool = True, normalization: str = "sum"
 ) -> dict[str, Any]:
     """The run's config; fine-tuned runs may leave out the instruction line (there it only costs tokens)."""
     spec = TASKS[name]
@@ -49,7 +49,13 @@ def config_for(
         "base_model": "smollm2-135m",
         "input_features": [{"name": "text"}],
         "output_features": [
-            {"name": "label", "type": "category", "decoder": decoder, "labels": spec["labels"]}
+            {
+                "name": "label",
+                "type": "category",
+                "decoder": decoder,
+                "labels": spec["labels"],
+                "score_normalization": normalization,
+            }
         ],
         "prompt": {
             "task": spec["task"] if with_task else None,
@@ -97,13 +103,15 @@ def run(name: str, args: argparse.Namespace, out: Path) -> None:
 
     for decoder in args.zero_shot_decoders if "zero" in args.stages else []:
         started = time.perf_counter()
-        model = tunewright.from_config(config_for(name, decoder, {"type": "none", "eval_batch_size": 16}))
+        trainer = {"type": "none", "eval_batch_size": 16}
+        model = tunewright.from_config(config_for(name, decoder, trainer, normalization=args.normalization))
         metrics = tunewright.evaluate(model, test)
         record(
             {
                 "dataset": name,
                 "decoder": decoder,
                 "mode": "zero-shot",
+                "score_normalization": args.normalization,
                 "eval_seconds": time.perf_counter() - started,
                 **summary(metrics),
             }
@@ -124,7 +132,9 @@ def run(name: str, args: argparse.Namespace, out: Path) -> None:
         run_dir = Path(args.runs) / f"{name}-{decoder}"
         started = time.perf_counter()
         result = tunewright.train(
-            config_for(name, decoder, trainer, with_task=args.finetune_task),
+            config_for(
+                name, decoder, trainer, with_task=args.finetune_task, normalization=args.normalization
+            ),
             train,
             run_dir,
             validation=validation,
@@ -139,6 +149,7 @@ def run(name: str, args: argparse.Namespace, out: Path) -> None:
                 "dataset": name,
                 "decoder": decoder,
                 "mode": "fine-tuned",
+                "score_normalization": args.normalization,
                 "train_rows": len(train),
                 "batch_size": args.batch_size,
                 "learning_rate": args.lr,
@@ -184,6 +195,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--normalization", choices=["sum", "mean"], default="sum")
     parser.add_argument("--zero-shot-decoders", nargs="+", default=["label_scoring", "classifier"])
     parser.add_argument(
         "--finetune-task", action=argparse.BooleanOptionalAction, default=False,

@@ -3,7 +3,7 @@
 Same model (smollm2-135m, fp32, CPU), same data (the first 100 Stanford Alpaca rows, the
 instruction + input as a chat user turn -> the output + EOS, tokenized once by tunewright and
 cut to 256 tokens), same settings (LoRA r=8, alpha 16, dropout 0.05 on q_proj/v_proj; batch 4;
-AdamW at a constant 2e-4; clip 1.0; one epoch), four ways:
+AdamW at a constant 2e-4; clip 1.0; --samples samples, one epoch by default), four ways:
 
 - `tunewright`: `tunewright.train.fit` with packing (its default);
 - `trainer_peft`: transformers `Trainer` + peft, rows padded to the longest in each batch;
@@ -38,6 +38,14 @@ from matmul_limit import measure  # noqa: E402
 ALPACA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca" / "alpaca_data_first200.json"
 ROWS, MAX_LENGTH, BATCH_SIZE, LEARNING_RATE, SEED = 100, 256, 4, 2e-4, 42
 METHODS = ["tunewright", "trainer_peft", "trl", "trl_packing"]
+MEAN_SAMPLE_TOKENS = 111  # measured: 11,055 real tokens in the 100 rows (cut at 256)
+
+
+def max_steps(method: str, samples: int) -> int:
+    """Optimizer steps that cover about `samples` samples (a trl packing step holds ~4 x 256 tokens)."""
+    if method == "trl_packing":
+        return max(2, -(-samples * MEAN_SAMPLE_TOKENS // (BATCH_SIZE * MAX_LENGTH)) + 1)
+    return max(2, samples // BATCH_SIZE)
 
 
 # --- shared setup (inside each worker) -------------------------------------------------------
@@ -87,7 +95,7 @@ class StepClock:
 # --- the four workers ----------------------------------------------------------------------------
 
 
-def run_tunewright(clock: StepClock) -> None:
+def run_tunewright(clock: StepClock, steps: int) -> None:
     from accelerate import Accelerator
     from peft import get_peft_model
 
@@ -98,7 +106,7 @@ def run_tunewright(clock: StepClock) -> None:
     model, tokenizer, examples = load_model_and_examples()
     torch.manual_seed(SEED)
     model = get_peft_model(model, lora_config())
-    cfg = TrainerConfig(epochs=1, batch_size=BATCH_SIZE, learning_rate=LEARNING_RATE, lr_scheduler="constant",
+    cfg = TrainerConfig(epochs=1, max_steps=steps, batch_size=BATCH_SIZE, learning_rate=LEARNING_RATE, lr_scheduler="constant",
                         max_grad_norm=1.0, seed=SEED, packing=True)
     windows = optimizer_windows(len(examples), cfg, 1)
     plan = [next(windows)[1] for _ in range(-(-len(examples) // BATCH_SIZE))]
@@ -143,14 +151,14 @@ def counting(collator: Any, counted: list[int]) -> Any:
     return collate
 
 
-def common_args() -> dict[str, Any]:
-    return {"per_device_train_batch_size": BATCH_SIZE, "num_train_epochs": 1, "learning_rate": LEARNING_RATE,
+def common_args(steps: int) -> dict[str, Any]:
+    return {"max_steps": steps, "per_device_train_batch_size": BATCH_SIZE, "num_train_epochs": 1, "learning_rate": LEARNING_RATE,
             "lr_scheduler_type": "constant", "warmup_steps": 0, "max_grad_norm": 1.0, "weight_decay": 0.0,
             "logging_steps": 1, "save_strategy": "no", "report_to": "none", "use_cpu": True, "seed": SEED,
             "dataloader_num_workers": 0, "disable_tqdm": True}
 
 
-def run_trainer_peft(clock: StepClock) -> None:
+def run_trainer_peft(clock: StepClock, steps: int) -> None:
     from datasets import Dataset
     from peft import get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
@@ -162,13 +170,13 @@ def run_trainer_peft(clock: StepClock) -> None:
                                   "labels": e.labels} for e in examples])
     counted: list[int] = []
     collator = counting(DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100), counted)
-    args = TrainingArguments(output_dir="/tmp/tunewright-bench-trainer", **common_args())
+    args = TrainingArguments(output_dir="/tmp/tunewright-bench-trainer", **common_args(steps))
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                       callbacks=[hf_callback(clock, counted)])
     trainer.train()
 
 
-def run_trl(clock: StepClock, packing: bool) -> None:
+def run_trl(clock: StepClock, packing: bool, steps: int) -> None:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -179,22 +187,23 @@ def run_trl(clock: StepClock, packing: bool) -> None:
                                   "completion_mask": [int(label != -100) for label in e.labels]} for e in examples])
     counted: list[int] = []
     args = SFTConfig(output_dir="/tmp/tunewright-bench-trl", max_length=MAX_LENGTH, packing=packing,
-                     completion_only_loss=True, **common_args())
+                     completion_only_loss=True, **common_args(steps))
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=lora_config(), callbacks=[hf_callback(clock, counted)])
     trainer.data_collator = counting(trainer.data_collator, counted)
     trainer.train()
 
 
-def worker(method: str) -> dict[str, Any]:
+def worker(method: str, samples: int) -> dict[str, Any]:
     torch.set_num_threads(2)
     clock = StepClock()
+    steps = max_steps(method, samples)
     if method == "tunewright":
-        run_tunewright(clock)
+        run_tunewright(clock, steps)
     elif method == "trainer_peft":
-        run_trainer_peft(clock)
+        run_trainer_peft(clock, steps)
     else:
-        run_trl(clock, packing=method == "trl_packing")
+        run_trl(clock, packing=method == "trl_packing", steps=steps)
     # ru_maxrss is in KiB on Linux: the whole process, model and data included.
     return {"method": method, **clock.summary(),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -213,8 +222,8 @@ def flops_per_token(target_fraction: float) -> dict[str, float]:
     return {"useful": useful, "six_n": 6 * total_params, "linear_params": linear, "total_params": total_params}
 
 
-def run_worker(method: str) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--worker", method]
+def run_worker(method: str, samples: int) -> dict[str, Any]:
+    command = [sys.executable, __file__, "--worker", method, "--samples", str(samples)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{method} failed:\n{done.stderr[-4000:]}")
@@ -225,11 +234,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--samples", type=int, default=ROWS, help="samples to train on (about; per method)")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker)))
+        print(json.dumps(worker(args.worker, args.samples)))
         return
 
     methods = args.methods.split(",")
@@ -237,14 +247,14 @@ def main() -> None:
     runs: dict[str, list[dict[str, Any]]] = {method: [] for method in methods}
     for round_index in range(args.rounds):
         for method in methods:
-            result = run_worker(method)
+            result = run_worker(method, args.samples)
             runs[method].append(result)
             print(f"round {round_index + 1} {method}: {result['tokens_per_s']:.1f} tokens/s, "
                   f"loss {result['final_loss']:.3f}, peak RSS {result['peak_rss_mib']:.0f} MiB", flush=True)
     matmul.append(measure(2))
 
     fp32_limit = max(m["fp32_gflops"] for m in matmul)
-    report: dict[str, Any] = {"rows": ROWS, "max_length": MAX_LENGTH, "batch_size": BATCH_SIZE,
+    report: dict[str, Any] = {"rows": ROWS, "samples": args.samples, "max_length": MAX_LENGTH, "batch_size": BATCH_SIZE,
                               "matmul": matmul, "fp32_limit_gflops": fp32_limit, "methods": {}}
     target_fraction = target_token_fraction()
     flops = flops_per_token(target_fraction)

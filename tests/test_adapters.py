@@ -29,7 +29,7 @@ from tunewright.adapters import (
 from tunewright.cli import app
 from tunewright.config import AdapterConfig, TrainerConfig, config_to_dict, load_config
 from tunewright.data import build_examples
-from tunewright.errors import ConfigError
+from tunewright.errors import ConfigError, RunFolderError
 from tunewright.objective import LanguageModelObjective
 from tunewright.train import fit
 
@@ -382,4 +382,22 @@ def test_continue_training_refuses_a_different_adapter(tmp_path: Path, tiny_mode
     config = case_config(tiny_model_dir, {**CASES["lora"], "r": 8})
     with pytest.raises(ConfigError, match="adapter: differs from the adapter section of"):
         tunewright.train(config, copy_rows(), tmp_path / "b", show_progress=False, from_run=first.run_dir)
+    assert not (tmp_path / "b").exists()
+
+
+def test_continue_training_needs_a_finetune_trainer_and_a_complete_run(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    zero_shot = case_config(tiny_model_dir, CASES["lora"])
+    zero_shot["trainer"] = {"type": "none"}
+    with pytest.raises(ConfigError, match="trainer.type: 'none' trains nothing"):
+        tunewright.train(zero_shot, copy_rows(), tmp_path / "b", show_progress=False, from_run=tmp_path / "a")
+    with pytest.raises(RunFolderError, match="run folder not found"):
+        tunewright.train(
+            case_config(tiny_model_dir, CASES["lora"]),
+            copy_rows(),
+            tmp_path / "b",
+            show_progress=False,
+            from_run=tmp_path / "a",
+        )
     assert not (tmp_path / "b").exists()

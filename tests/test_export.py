@@ -44,6 +44,10 @@ def trained(request: pytest.FixtureRequest, tiny_model_dir: Path, tmp_path_facto
     return request.param, result.run_dir
 
 
+# Prompts of different lengths, so the batch is padded (exports must pad on the left).
+WORDS = pd.DataFrame({"word": ["cat", "a much longer word", "ink", "sea and sun"]})
+
+
 def plain_generate(model: torch.nn.Module, folder: Path, words: list[str]) -> list[str]:
     return generate_texts(model, folder, [f"say {word}:" for word in words])
 
@@ -53,13 +57,14 @@ def test_merged_export_loads_with_plain_transformers(trained, tmp_path: Path) ->
     if name in PROMPT_LEARNING:
         pytest.skip("virtual tokens cannot be merged (test_cli_export_refuses_merging_virtual_tokens)")
     tuned = tunewright.load(run_dir)
-    rows = copy_rows(8)
+    rows = WORDS
     expected_logits = logits_of(tuned.model)
     expected = tunewright.predict(tuned, rows)["prediction"].tolist()
     folder = export_run(run_dir, tmp_path / "merged", merge=True)
     for file_name in HF_FILES:
         assert (folder / file_name).is_file(), file_name
     assert not (folder / "adapter_config.json").exists()
+    assert AutoTokenizer.from_pretrained(folder).padding_side == "left"
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     torch.testing.assert_close(logits_of(model), expected_logits, atol=MERGE_ATOL, rtol=0)
     assert plain_generate(model, folder, rows["word"].tolist()) == expected
@@ -72,7 +77,7 @@ def test_adapter_export_loads_with_plain_peft(trained, tmp_path: Path, tiny_mode
     if CASES[name]["type"] == "full":
         pytest.skip("a full fine-tune has no adapter: it exports as a model folder (merged test)")
     tuned = tunewright.load(run_dir)
-    rows = copy_rows(8)
+    rows = WORDS
     expected_logits = logits_of(tuned.model)
     expected = tunewright.predict(tuned, rows)["prediction"].tolist()
     folder = export_run(run_dir, tmp_path / "adapter")

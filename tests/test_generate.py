@@ -45,7 +45,7 @@ def test_greedy_equals_transformers_generate(tiny_model, tokenizer, prompt_ids, 
     assert all(len(tokens) == 12 for tokens in ours)  # random weights rarely emit EOS: full length
 
 
-def test_rows_that_stop_early_leave_the_batch_without_changing_the_others(tiny_model, tokenizer, prompt_ids) -> None:
+def test_rows_that_stop_early_leave_the_batch_unchanged_otherwise(tiny_model, tokenizer, prompt_ids) -> None:
     """Stop on tokens that some rows emit mid-way, so the batch shrinks during decoding."""
     first = reference_tokens(tiny_model, tokenizer, prompt_ids, 12, {tokenizer.eos_token_id})
     stop_ids = {tokenizer.eos_token_id, first[0][2], first[3][5]}

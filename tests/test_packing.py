@@ -16,7 +16,13 @@ from tunewright.adapters import attach_adapter
 from tunewright.config import AdapterConfig, TrainerConfig
 from tunewright.data import IGNORE_INDEX, Example, collate_training
 from tunewright.objective import LanguageModelObjective, hidden_states
-from tunewright.packing import collate_micro_batch, collate_packed, group_by_length, pack_rows, supports_packing
+from tunewright.packing import (
+    collate_micro_batch,
+    collate_packed,
+    group_by_length,
+    pack_rows,
+    supports_packing,
+)
 from tunewright.train import epoch_batches, fit
 
 LOSS_ATOL = 1e-5
@@ -24,7 +30,8 @@ GRAD_RTOL = 1e-4
 
 
 def make_example(prompt: list[int], target: list[int]) -> Example:
-    return Example(input_ids=prompt + target, labels=[IGNORE_INDEX] * len(prompt) + target, prompt_len=len(prompt))
+    labels = [IGNORE_INDEX] * len(prompt) + target
+    return Example(input_ids=prompt + target, labels=labels, prompt_len=len(prompt))
 
 
 @pytest.fixture

@@ -11,7 +11,12 @@ from tunewright.adapters import attach_adapter
 from tunewright.config import AdapterConfig, TrainerConfig, load_config
 from tunewright.data import IGNORE_INDEX, Example, collate_training
 from tunewright.objective import LanguageModelObjective
-from tunewright.speed import autocast_for, cpu_has_native_bf16, enable_gradient_checkpointing, mixed_precision_for
+from tunewright.speed import (
+    autocast_for,
+    cpu_has_native_bf16,
+    enable_gradient_checkpointing,
+    mixed_precision_for,
+)
 from tunewright.train import fit
 
 CPU = torch.device("cpu")

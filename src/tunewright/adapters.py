@@ -222,7 +222,8 @@ def freeze_except(model: PreTrainedModel, adapter: AdapterConfig | None) -> None
         matched = [p for name, p in model.named_parameters() if re.search(pattern, name)]
         if not matched:
             raise ConfigError(
-                f"adapter.trainable_modules: '{pattern}' matches no parameter name of the model"
+                f"adapter.trainable_modules: '{pattern}' matches no parameter name of the model "
+                "(a tied lm_head is listed as model.embed_tokens)"
             )
         for parameter in matched:
             parameter.requires_grad_(True)
@@ -334,8 +335,10 @@ def check_continuable(from_run: str | Path, config: TunewrightConfig) -> Path:
 
     Raises:
         RunFolderError: the run is incomplete or saved no weights.
-        ConfigError: base_model or adapter differ from the run's.
+        ConfigError: base_model or adapter differ from the run's, or trainer.type is none.
     """
+    if config.trainer.type == "none":
+        raise ConfigError("trainer.type: 'none' trains nothing; continuing from a run needs 'finetune'")
     run_dir = check_complete(from_run)
     previous = load_run_config(run_dir)
     if weights_kind(run_dir) == "none":

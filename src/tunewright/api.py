@@ -21,7 +21,7 @@ from tunewright.adapters import (
     trainable_model,
     weights_source,
 )
-from tunewright.checkpoint import CHECKPOINT_DIR, load_checkpoint, run_fingerprint
+from tunewright.checkpoint import CHECKPOINT_DIR, latest_checkpoint, load_checkpoint, run_fingerprint
 from tunewright.config import TunewrightConfig, load_config
 from tunewright.data import (
     Splits,
@@ -44,7 +44,7 @@ from tunewright.heads import (
     load_vocabulary,
     save_category_state,
 )
-from tunewright.model import load_base_model, load_tokenizer, resolve_device
+from tunewright.model import LoadedModel, load_base_model, load_tokenizer, resolve_device
 from tunewright.objective import LanguageModelObjective
 from tunewright.predictor import TunedModel, attach_category
 from tunewright.run import (
@@ -170,58 +170,25 @@ def train(
     if resume and overwrite:
         raise RunFolderError(f"{run_dir}: pass either --resume or --overwrite, not both")
     fingerprint = run_fingerprint(config, splits.train, splits.validation)
-    checkpoint = resume_run(run_dir, config, fingerprint) if resume else None
-    if not resume:
-        start_run(run_dir, config, overwrite)
+    accelerator = Accelerator(cpu=resolve_device(config.backend).type == "cpu")
+    checkpoint = _open_run_folder(run_dir, config, fingerprint, accelerator, resume, overwrite)
     try:
         set_seed(config.trainer.seed)  # adapter initialisation, so a rerun with the same seed is identical
-        accelerator = Accelerator(cpu=resolve_device(config.backend).type == "cpu")
-        source = weights_source(config, previous_run)
-        loaded = load_base_model(source, config.backend, config.quantization, accelerator.device)
+        loaded = load_base_model(weights_source(config, previous_run), config.backend, config.quantization,
+                                 accelerator.device)
         started = time.perf_counter()
-        summary: dict[str, Any] = {"type": config.trainer.type}
         if config.trainer.type == "none":
             tuned = TunedModel(loaded.model, loaded.tokenizer, config)
             if vocabulary is not None:
                 attach_category(tuned, vocabulary)
+            summary: dict[str, Any] = {"type": "none"}
             log.info("trainer.type is none: nothing is trained and no weights are saved")
         else:
-            planned_steps = total_optimizer_steps(len(splits.train), config.trainer, accelerator.num_processes)
-            trainable = trainable_model(loaded.model, config, planned_steps, previous_run)
-            tuned = TunedModel(trainable, loaded.tokenizer, config)
-            if config.trainer.gradient_checkpointing:
-                enable_gradient_checkpointing(tuned.model)
-            if vocabulary is not None:
-                attach_category(tuned, vocabulary)
-            report = count_parameters(tuned.classifier or tuned.model)
-            summary.update(trainable_parameters=report.trainable, total_parameters=report.total)
-            result = fit(
-                tuned.classifier or LanguageModelObjective(tuned.model),
-                _training_examples(tuned, splits.train),
-                _training_examples(tuned, splits.validation) if len(splits.validation) else [],
-                config.trainer,
-                accelerator,
-                loaded.tokenizer.pad_token_id,
-                on_log=lambda record: append_log(run_dir, record) if accelerator.is_main_process else None,
-                show_progress=show_progress,
-                after_optimizer_step=optimizer_step_hook(tuned.model),
-                checkpoint_dir=run_dir / CHECKPOINT_DIR,
-                fingerprint=fingerprint,
-                resume=load_checkpoint(checkpoint) if checkpoint is not None else None,
-            )
-            summary.update(steps=result.steps, best_val_loss=result.best_val_loss, stopped_early=result.stopped_early)
-            tuned.model = accelerator.unwrap_model(tuned.model)
-            if accelerator.is_main_process:
-                tuned.model.save_pretrained(run_dir, safe_serialization=True)
+            tuned, summary = _fine_tune(config, loaded, splits, vocabulary, previous_run, accelerator, run_dir,
+                                        fingerprint, checkpoint, show_progress)
         summary["seconds"] = time.perf_counter() - started
         tuned.model.eval()
-        metrics: dict[str, Any] = {"training": summary}
-        for split_name in ("validation", "test"):
-            frame = getattr(splits, split_name)
-            if len(frame):
-                metrics[split_name] = evaluate_frame(tuned, frame, show_progress, split_name).metrics
-                if "confusion_matrix" in metrics[split_name] and accelerator.is_main_process:
-                    write_confusion_matrix(metrics[split_name], run_dir / f"confusion_matrix_{split_name}.png")
+        metrics = {"training": summary, **_split_metrics(tuned, splits, run_dir, accelerator, show_progress)}
         if accelerator.is_main_process:
             if tuned.labels is not None:
                 save_category_state(run_dir, tuned.labels, tuned.classifier.head if tuned.classifier else None)
@@ -229,15 +196,76 @@ def train(
             write_metrics(run_dir, metrics)
             set_status(run_dir, "complete", finished=time.time(), weights=weights_kind(run_dir))
         return TrainResult(run_dir=run_dir, model=tuned, metrics=metrics)
-    except TrainingInterrupted as error:
-        set_status(run_dir, "interrupted", error=str(error))
-        raise
-    except KeyboardInterrupt:
-        set_status(run_dir, "interrupted")
+    except (TrainingInterrupted, KeyboardInterrupt) as error:
+        if accelerator.is_main_process:
+            set_status(run_dir, "interrupted", error=str(error) or None)
         raise
     except BaseException as error:
-        set_status(run_dir, "failed", error=str(error).splitlines()[0] if str(error) else type(error).__name__)
+        if accelerator.is_main_process:
+            set_status(run_dir, "failed", error=str(error).splitlines()[0] if str(error) else type(error).__name__)
         raise
+
+
+def _open_run_folder(run_dir: Path, config: TunewrightConfig, fingerprint: dict[str, str],
+                     accelerator: Accelerator, resume: bool, overwrite: bool) -> Path | None:
+    """Create (or reopen, with resume) the run folder on the main process; returns the checkpoint to resume."""
+    checkpoint = None
+    if accelerator.is_main_process:
+        checkpoint = resume_run(run_dir, config, fingerprint) if resume else None
+        if not resume:
+            start_run(run_dir, config, overwrite)
+    # Under `accelerate launch` the other processes wait, then read what the main process checked.
+    accelerator.wait_for_everyone()
+    if resume and not accelerator.is_main_process:
+        checkpoint = latest_checkpoint(run_dir / CHECKPOINT_DIR)
+    return checkpoint
+
+
+def _fine_tune(config: TunewrightConfig, loaded: LoadedModel, splits: Splits, vocabulary: list[str] | None,
+               previous_run: Path | None, accelerator: Accelerator, run_dir: Path, fingerprint: dict[str, str],
+               checkpoint: Path | None, show_progress: bool) -> tuple[TunedModel, dict[str, Any]]:
+    """Wrap the model for training, run fit(), and save the trained weights into the run folder."""
+    planned_steps = total_optimizer_steps(len(splits.train), config.trainer, accelerator.num_processes)
+    trainable = trainable_model(loaded.model, config, planned_steps, previous_run)
+    tuned = TunedModel(trainable, loaded.tokenizer, config)
+    if config.trainer.gradient_checkpointing:
+        enable_gradient_checkpointing(tuned.model)
+    if vocabulary is not None:
+        attach_category(tuned, vocabulary)
+    report = count_parameters(tuned.classifier or tuned.model)
+    result = fit(
+        tuned.classifier or LanguageModelObjective(tuned.model),
+        _training_examples(tuned, splits.train),
+        _training_examples(tuned, splits.validation) if len(splits.validation) else [],
+        config.trainer,
+        accelerator,
+        loaded.tokenizer.pad_token_id,
+        on_log=lambda record: append_log(run_dir, record) if accelerator.is_main_process else None,
+        show_progress=show_progress,
+        after_optimizer_step=optimizer_step_hook(tuned.model),
+        checkpoint_dir=run_dir / CHECKPOINT_DIR,
+        fingerprint=fingerprint,
+        resume=load_checkpoint(checkpoint) if checkpoint is not None else None,
+    )
+    tuned.model = accelerator.unwrap_model(tuned.model)
+    if accelerator.is_main_process:
+        tuned.model.save_pretrained(run_dir, safe_serialization=True)
+    summary = {"type": "finetune", "trainable_parameters": report.trainable, "total_parameters": report.total,
+               "steps": result.steps, "best_val_loss": result.best_val_loss, "stopped_early": result.stopped_early}
+    return tuned, summary
+
+
+def _split_metrics(tuned: TunedModel, splits: Splits, run_dir: Path, accelerator: Accelerator,
+                   show_progress: bool) -> dict[str, Any]:
+    """Metrics on the validation and test splits (and confusion-matrix pictures for categories)."""
+    metrics: dict[str, Any] = {}
+    for split_name in ("validation", "test"):
+        frame = getattr(splits, split_name)
+        if len(frame):
+            metrics[split_name] = evaluate_frame(tuned, frame, show_progress, split_name).metrics
+            if "confusion_matrix" in metrics[split_name] and accelerator.is_main_process:
+                write_confusion_matrix(metrics[split_name], run_dir / f"confusion_matrix_{split_name}.png")
+    return metrics
 
 
 def from_config(config: str | Path | dict[str, Any] | TunewrightConfig) -> TunedModel:

@@ -39,7 +39,8 @@ class OutputFeature(Section):
         None, description="Category only: the label set; by default the labels found in the training data."
     )
     score_normalization: Literal["sum", "mean"] = Field(
-        "mean", description="Category label scoring: sum of token log-probs or their mean over label tokens."
+        "sum", description="Category label scoring: the label's log-likelihood (`sum` of its token log-probs) "
+        "or their `mean`, which favours multi-token labels whose later tokens are easy to predict."
     )
 
     @model_validator(mode="after")

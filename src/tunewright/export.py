@@ -124,6 +124,8 @@ def export_model(
             model.generation_config = generation_config
             model.config.pad_token_id = tuned.tokenizer.pad_token_id
             model.save_pretrained(staging, safe_serialization=True)
+        # Generation pads on the left; transformers writes padding_side only from the init kwargs.
+        tuned.tokenizer.init_kwargs["padding_side"] = "left"
         tuned.tokenizer.save_pretrained(staging)  # tokenizer files and chat_template.jinja
         save_config(tuned.config, staging / EXPORT_CONFIG_FILE)
         if output_dir.exists():

@@ -66,8 +66,8 @@ def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def greedy_decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-                  stop_ids: set[int]) -> list[list[int]]:
+def greedy_decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  max_new_tokens: int, stop_ids: set[int]) -> list[list[int]]:
     """Greedy new tokens of each left-padded row, up to and including its first stop token.
 
     Each step feeds only the newest token against the KV cache and computes logits for it alone;
@@ -89,10 +89,11 @@ def greedy_decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
             break
         if not keep.all():
             cache.batch_select_indices(keep.nonzero().squeeze(1))
-            live, tokens, attention_mask, next_positions = live[keep], tokens[keep], attention_mask[keep], next_positions[keep]
+            live, tokens, next_positions = live[keep], tokens[keep], next_positions[keep]
+            attention_mask = attention_mask[keep]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(live), 1)], dim=1)  # (b, T+1)
-        output = model(input_ids=tokens.unsqueeze(1), attention_mask=attention_mask, position_ids=next_positions,
-                       cache=cache, use_cache=True)
+        output = model(input_ids=tokens.unsqueeze(1), attention_mask=attention_mask,
+                       position_ids=next_positions, cache=cache, use_cache=True)
         next_positions = next_positions + 1
     return results
 
@@ -115,7 +116,8 @@ def generate_ids(
     with work_progress(len(prompt_ids), "generating", show_progress) as progress:
         for start in range(0, len(order), settings.batch_size):
             rows = order[start : start + settings.batch_size]
-            batch = {k: v.to(device) for k, v in collate_prompts([prompt_ids[r] for r in rows], tokenizer.pad_token_id).items()}
+            batch = collate_prompts([prompt_ids[r] for r in rows], tokenizer.pad_token_id)
+            batch = {key: value.to(device) for key, value in batch.items()}
             if greedy:
                 new_tokens = greedy_decode(model, batch["input_ids"], batch["attention_mask"],
                                            config.max_new_tokens, stop_ids)

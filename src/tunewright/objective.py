@@ -56,8 +56,9 @@ class LanguageModelObjective(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, **_: torch.Tensor) -> LossOutput:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                **_: torch.Tensor) -> LossOutput:
         # Packed rows (packing.py) come without attention_mask: their restarting position_ids
         # make transformers build the block-diagonal causal mask (or flash-attention varlen).
         next_labels = labels[:, 1:]  # (B, T-1): token t is predicted at position t-1

@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-
 from torch import nn
 
 from tunewright.data import IGNORE_INDEX, Example, collate_training
@@ -50,7 +49,8 @@ def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def collate_packed(examples: Sequence[Example], pad_id: int, capacity: int | None = None) -> dict[str, torch.Tensor]:
+def collate_packed(examples: Sequence[Example], pad_id: int,
+                   capacity: int | None = None) -> dict[str, torch.Tensor]:
     """Pack a micro-batch into rows of at most `capacity` tokens (default: `PACKED_ROW_TOKENS`).
 
     Returns input_ids, labels and position_ids, each (R, W) with R rows of width W. The first
