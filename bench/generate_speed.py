@@ -97,9 +97,10 @@ def main() -> None:
         "prompts": args.prompts, "new_tokens_max": args.new_tokens, "new_tokens_useful": tokens,
         "prompt_tokens": prompt_tokens, "matmul_before": matmul_before, "matmul_after": matmul_after,
         "identical_tunewright_vs_batched": trimmed["tunewright"] == trimmed["transformers_batched"],
-        "identical_tunewright_vs_one_at_a_time": trimmed["tunewright"] == trimmed["transformers_one_at_a_time"],
-        "rows_identical_vs_batched": sum(a == b for a, b in zip(trimmed["tunewright"],
-                                                                 trimmed["transformers_batched"], strict=True)),
+        "identical_tunewright_vs_one_at_a_time":
+            trimmed["tunewright"] == trimmed["transformers_one_at_a_time"],
+        "rows_identical_vs_batched": sum(
+            a == b for a, b in zip(trimmed["tunewright"], trimmed["transformers_batched"], strict=True)),
     }
     speed = {}
     for name, seconds in times.items():

@@ -106,14 +106,16 @@ def run_tunewright(clock: StepClock, steps: int) -> None:
     model, tokenizer, examples = load_model_and_examples()
     torch.manual_seed(SEED)
     model = get_peft_model(model, lora_config())
-    cfg = TrainerConfig(epochs=1, max_steps=steps, batch_size=BATCH_SIZE, learning_rate=LEARNING_RATE, lr_scheduler="constant",
+    cfg = TrainerConfig(epochs=1, max_steps=steps, batch_size=BATCH_SIZE, learning_rate=LEARNING_RATE,
+                        lr_scheduler="constant",
                         max_grad_norm=1.0, seed=SEED, packing=True)
     windows = optimizer_windows(len(examples), cfg, 1)
     plan = [next(windows)[1] for _ in range(-(-len(examples) // BATCH_SIZE))]
 
     def on_log(record: dict[str, Any]) -> None:
         clock.times.append(time.perf_counter())
-        clock.tokens.append(sum(len(examples[i].input_ids) for batch in plan[record["step"] - 1] for i in batch))
+        window = plan[record["step"] - 1]
+        clock.tokens.append(sum(len(examples[i].input_ids) for batch in window for i in batch))
         clock.losses.append(record["loss"])
 
     clock.times[0] = time.perf_counter()
@@ -152,7 +154,8 @@ def counting(collator: Any, counted: list[int]) -> Any:
 
 
 def common_args(steps: int) -> dict[str, Any]:
-    return {"max_steps": steps, "per_device_train_batch_size": BATCH_SIZE, "num_train_epochs": 1, "learning_rate": LEARNING_RATE,
+    return {"max_steps": steps, "per_device_train_batch_size": BATCH_SIZE, "num_train_epochs": 1,
+            "learning_rate": LEARNING_RATE,
             "lr_scheduler_type": "constant", "warmup_steps": 0, "max_grad_norm": 1.0, "weight_decay": 0.0,
             "logging_steps": 1, "save_strategy": "no", "report_to": "none", "use_cpu": True, "seed": SEED,
             "dataloader_num_workers": 0, "disable_tqdm": True}
@@ -184,7 +187,8 @@ def run_trl(clock: StepClock, packing: bool, steps: int) -> None:
     torch.manual_seed(SEED)
     # Pre-tokenized rows: trl skips its own tokenization and trains on exactly our token ids.
     dataset = Dataset.from_list([{"input_ids": e.input_ids,
-                                  "completion_mask": [int(label != -100) for label in e.labels]} for e in examples])
+                                  "completion_mask": [int(label != -100) for label in e.labels]}
+                                 for e in examples])
     counted: list[int] = []
     args = SFTConfig(output_dir="/tmp/tunewright-bench-trl", max_length=MAX_LENGTH, packing=packing,
                      completion_only_loss=True, **common_args(steps))
@@ -219,7 +223,8 @@ def flops_per_token(target_fraction: float) -> dict[str, float]:
     total_params = linear + vocab * hidden + layers * 2 * hidden + hidden  # 134.5M (tied embeddings)
     # Frozen weights: forward 2N + input-gradient 2N (no weight gradient); LM head on target tokens only.
     useful = 4 * linear + 4 * vocab * hidden * target_fraction
-    return {"useful": useful, "six_n": 6 * total_params, "linear_params": linear, "total_params": total_params}
+    return {"useful": useful, "six_n": 6 * total_params, "linear_params": linear,
+            "total_params": total_params}
 
 
 def run_worker(method: str, samples: int) -> dict[str, Any]:
@@ -254,7 +259,8 @@ def main() -> None:
     matmul.append(measure(2))
 
     fp32_limit = max(m["fp32_gflops"] for m in matmul)
-    report: dict[str, Any] = {"rows": ROWS, "samples": args.samples, "max_length": MAX_LENGTH, "batch_size": BATCH_SIZE,
+    report: dict[str, Any] = {"rows": ROWS, "samples": args.samples, "max_length": MAX_LENGTH,
+                              "batch_size": BATCH_SIZE,
                               "matmul": matmul, "fp32_limit_gflops": fp32_limit, "methods": {}}
     target_fraction = target_token_fraction()
     flops = flops_per_token(target_fraction)

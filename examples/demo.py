@@ -32,7 +32,8 @@ def main() -> None:
     started = time.perf_counter()
 
     console.rule("1. the base model, before fine-tuning (zero-shot)")
-    base = tunewright.from_config(config.model_copy(update={"trainer": config.trainer.model_copy(update={"type": "none"})}))
+    zero_shot = config.model_copy(update={"trainer": config.trainer.model_copy(update={"type": "none"})})
+    base = tunewright.from_config(zero_shot)
     before = tunewright.evaluate(base, test_file, show_progress=True)
     before_predictions = tunewright.predict(base, test_file)["prediction"].tolist()
     del base

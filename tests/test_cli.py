@@ -8,7 +8,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import copy_rows
 from typer.testing import CliRunner
 
 from tunewright.cli import app

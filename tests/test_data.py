@@ -22,7 +22,7 @@ from tunewright.data import (
 from tunewright.errors import DataError
 
 # Byte-level test tokenizer: 'h'=74 'i'=75 ':'=28 'y'=91 'o'=81 'a'..'d'=67..70, EOS=2, pad=0.
-H, I, COLON, Y, O, EOS, PAD = 74, 75, 28, 91, 81, 2, 0
+H, I, COLON, Y, O, EOS, PAD = 74, 75, 28, 91, 81, 2, 0  # noqa: E741 (letters are the tokens)
 
 
 def test_labels_mask_the_prompt_and_end_with_eos(tokenizer) -> None:

@@ -50,7 +50,10 @@ def test_loss_equals_transformers_masked_loss(tiny_model, tokenizer) -> None:
     torch.testing.assert_close(ours.loss_sum / ours.count, reference, rtol=1e-5, atol=1e-6)
 
 
-def train_copy(tiny_model, tokenizer, adapter=AdapterConfig(r=4, alpha=8, dropout=0.0), **trainer):
+LORA = AdapterConfig(r=4, alpha=8, dropout=0.0)
+
+
+def train_copy(tiny_model, tokenizer, adapter=LORA, **trainer):
     model = attach_adapter(tiny_model, adapter)
     cfg = TrainerConfig(lr_scheduler="constant", max_grad_norm=None, **trainer)
     result = fit(LanguageModelObjective(model), examples_for(tokenizer), [], cfg, Accelerator(cpu=True),
@@ -99,7 +102,8 @@ def test_early_stopping_restores_the_best_weights(tiny_model, tokenizer) -> None
 
 
 @pytest.mark.parametrize(("schedule", "step", "expected"), [
-    ("constant", 5, 1.0), ("linear", 0, 0.25), ("linear", 3, 1.0), ("linear", 8, 0.5), ("cosine", 12, 0.0), ("cosine", 6, 0.5),
+    ("constant", 5, 1.0), ("linear", 0, 0.25), ("linear", 3, 1.0), ("linear", 8, 0.5),
+    ("cosine", 12, 0.0), ("cosine", 6, 0.5),
 ])
 def test_lr_schedule(schedule: str, step: int, expected: float) -> None:
     assert lr_multiplier(step, total_steps=12, warmup_steps=4 if schedule == "linear" else 0,

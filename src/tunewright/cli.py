@@ -9,12 +9,13 @@ from typing import Annotated, Any
 
 import click
 import typer
-from typer.core import TyperGroup
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
+from typer.core import TyperGroup
 
 from tunewright.errors import TunewrightError
+
 
 class RenderErrors(TyperGroup):
     """Turns our errors into one stderr line and their exit code (a traceback only with --debug)."""

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
-from contextlib import nullcontext
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
