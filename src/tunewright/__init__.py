@@ -12,5 +12,6 @@ The public API has the same verbs as the CLI::
 __version__ = "0.1.0"
 
 from tunewright.api import evaluate, from_config, load, predict, train  # noqa: E402
+from tunewright.export import export_run as export  # noqa: E402
 
-__all__ = ["__version__", "evaluate", "from_config", "load", "predict", "train"]
+__all__ = ["__version__", "evaluate", "export", "from_config", "load", "predict", "train"]
