@@ -245,23 +245,15 @@ def create_app(models: Mapping[str, ServedModel], settings: ServeSettings | None
     async def completions(body: CompletionRequest, request: Request) -> Response:
         body.check()
         served = server.model(body.model)
-        max_tokens = server.max_tokens(served, body.max_tokens)
-        queue: asyncio.Queue[Event] = asyncio.Queue()
-        jobs = generation_jobs(
-            server, served, body, completion_prompt_ids(served, body.prompt), queue, max_tokens, body.stream
-        )
-        return await _respond(server, request, body, jobs, queue, "text_completion")
+        prompt_ids = completion_prompt_ids(served, body.prompt)
+        return await _generate(server, request, body, served, prompt_ids, body.max_tokens, "text_completion")
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
         body.check()
         served = server.model(body.model)
-        max_tokens = server.max_tokens(served, body.requested_max_tokens)
-        queue: asyncio.Queue[Event] = asyncio.Queue()
-        jobs = generation_jobs(
-            server, served, body, [chat_prompt_ids(served, body)], queue, max_tokens, body.stream
-        )
-        return await _respond(server, request, body, jobs, queue, "chat.completion")
+        prompt_ids = [chat_prompt_ids(served, body)]
+        return await _generate(server, request, body, served, prompt_ids, body.requested_max_tokens, "chat.completion")
 
     @app.post("/predict", response_model=None)
     async def predict(body: PredictRequest, request: Request) -> Response:
@@ -292,6 +284,15 @@ def _model_card(served: ServedModel) -> dict[str, Any]:
         "parent": served.parent,
         "kind": kind,
     }
+
+
+async def _generate(server: Server, request: Request, body: SamplingRequest, served: ServedModel,
+                    prompt_ids: list[list[int]], requested_max_tokens: int | None, kind: str) -> Response:
+    """Completions and chat completions alike: queue the generation jobs and answer (or stream)."""
+    max_tokens = server.max_tokens(served, requested_max_tokens)
+    queue: asyncio.Queue[Event] = asyncio.Queue()
+    jobs = generation_jobs(server, served, body, prompt_ids, queue, max_tokens, body.stream)
+    return await _respond(server, request, body, jobs, queue, kind)
 
 
 async def _respond(
