@@ -5,7 +5,8 @@ instruction + input as a chat user turn -> the output + EOS, tokenized once by t
 cut to 256 tokens), same settings (LoRA r=8, alpha 16, dropout 0.05 on q_proj/v_proj; batch 4;
 AdamW at a constant 2e-4; clip 1.0; --samples samples, one epoch by default), four ways:
 
-- `tunewright`: `tunewright.train.fit` with packing (its default);
+- `tunewright`: `tunewright.train.fit` with packing (its default: one row per micro-batch, no
+  padding, attention per sample);
 - `trainer_peft`: transformers `Trainer` + peft, rows padded to the longest in each batch;
 - `trl`: trl `SFTTrainer` on the same token ids and completion masks, no packing;
 - `trl_packing`: the same with `packing=True` (trl's best-fit-decreasing packing, padding-free).
@@ -65,6 +66,17 @@ def load_model_and_examples() -> tuple[Any, Any, list[Any]]:
     for example in examples:  # the same max length for everyone: cut the end of long samples
         example.input_ids, example.labels = example.input_ids[:MAX_LENGTH], example.labels[:MAX_LENGTH]
     return loaded.model, loaded.tokenizer, examples
+
+
+def in_tunewright_order(examples: list[Any]) -> list[Any]:
+    """The samples in the order tunewright's first epoch takes them (4 per step).
+
+    Trainer and trl read them sequentially, so step n of every unpacked method trains on the same
+    four samples and the loss curves can be compared step by step.
+    """
+    from tunewright.train import epoch_batches
+
+    return [examples[i] for batch in epoch_batches(len(examples), BATCH_SIZE, SEED, 0) for i in batch]
 
 
 def lora_config() -> Any:
@@ -158,7 +170,7 @@ def common_args(steps: int) -> dict[str, Any]:
             "learning_rate": LEARNING_RATE,
             "lr_scheduler_type": "constant", "warmup_steps": 0, "max_grad_norm": 1.0, "weight_decay": 0.0,
             "logging_steps": 1, "save_strategy": "no", "report_to": "none", "use_cpu": True, "seed": SEED,
-            "dataloader_num_workers": 0, "disable_tqdm": True}
+            "dataloader_num_workers": 0, "disable_tqdm": True, "train_sampling_strategy": "sequential"}
 
 
 def run_trainer_peft(clock: StepClock, steps: int) -> None:
@@ -170,7 +182,7 @@ def run_trainer_peft(clock: StepClock, steps: int) -> None:
     torch.manual_seed(SEED)
     model = get_peft_model(model, lora_config())
     dataset = Dataset.from_list([{"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids),
-                                  "labels": e.labels} for e in examples])
+                                  "labels": e.labels} for e in in_tunewright_order(examples)])
     counted: list[int] = []
     collator = counting(DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100), counted)
     args = TrainingArguments(output_dir="/tmp/tunewright-bench-trainer", **common_args(steps))
@@ -188,10 +200,13 @@ def run_trl(clock: StepClock, packing: bool, steps: int) -> None:
     # Pre-tokenized rows: trl skips its own tokenization and trains on exactly our token ids.
     dataset = Dataset.from_list([{"input_ids": e.input_ids,
                                   "completion_mask": [int(label != -100) for label in e.labels]}
-                                 for e in examples])
+                                 for e in in_tunewright_order(examples)])
     counted: list[int] = []
+    # trl's own defaults are bf16 autocast and gradient checkpointing; both are switched off so that
+    # all four methods do the same fp32 math without recomputation (bf16 matmuls are ~5x slower on
+    # this CPU, and checkpointing recomputes every layer's forward).
     args = SFTConfig(output_dir="/tmp/tunewright-bench-trl", max_length=MAX_LENGTH, packing=packing,
-                     completion_only_loss=True, **common_args(steps))
+                     completion_only_loss=True, bf16=False, gradient_checkpointing=False, **common_args(steps))
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=lora_config(), callbacks=[hf_callback(clock, counted)])
     trainer.data_collator = counting(trainer.data_collator, counted)

@@ -1,11 +1,15 @@
 """Faults during training: non-finite losses and gradients, out of memory. Real faults, no mocks.
 
-NaN/inf comes from a huge learning rate (the first update blows the weights up); out of memory is
-raised by a forward pre-hook on the tiny model, the way CUDA raises it from inside a forward pass.
+A NaN loss comes from a huge learning rate (full fine-tuning: the first update blows the weights
+up). A non-finite gradient under a finite loss comes from a tensor hook on a LoRA weight: LoRA
+weights blown up on q/v no longer give one reliably, because per-sample attention saturates
+instead of overflowing. Out of memory is raised by a forward pre-hook on the tiny model, the way
+CUDA raises it from inside a forward pass.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -18,6 +22,7 @@ from conftest import build_model
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from tunewright import api
 from tunewright.adapters import attach_adapter
 from tunewright.checkpoint import CHECKPOINT_DIR, list_checkpoints
 from tunewright.cli import app
@@ -47,14 +52,40 @@ def train(config: Path, data: Path, out: Path) -> object:
 LORA = {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0}
 
 
+@pytest.fixture
+def infinite_gradient_at(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
+    """Make the first trainable weight's gradient inf in the given optimizer steps (1-based).
+
+    One micro-batch per step in these configs, so the n-th backward pass is step n.
+    """
+
+    def install(steps: set[int]) -> None:
+        original = api.trainable_model
+
+        def with_fault(*args: object, **kwargs: object) -> torch.nn.Module:
+            model = original(*args, **kwargs)
+            weight = next(p for p in model.parameters() if p.requires_grad)
+            backward_passes = itertools.count(1)
+            weight.register_hook(lambda grad: grad.new_full(grad.shape, math.inf)
+                                 if next(backward_passes) in steps else grad)
+            return model
+
+        monkeypatch.setattr(api, "trainable_model", with_fault)
+
+    return install
+
+
 @pytest.mark.parametrize(
     ("adapter", "what"), [({"type": "full"}, "the loss is nan"), (LORA, "a gradient is not finite")]
 )
 def test_nonfinite_stops_at_the_step_and_keeps_the_last_finite_checkpoint(
-    adapter: dict, what: str, tiny_config: dict, copy_csv: Path, tmp_path: Path
+    adapter: dict, what: str, tiny_config: dict, copy_csv: Path, tmp_path: Path, infinite_gradient_at
 ) -> None:
-    # Step 1 is computed with the initial weights; its update (lr 1e30) makes step 2 non-finite.
-    config = write_config(tiny_config, tmp_path, adapter, learning_rate=1e30)
+    if adapter["type"] == "full":  # step 1's update (lr 1e30) makes step 2's loss NaN
+        config = write_config(tiny_config, tmp_path, adapter, learning_rate=1e30)
+    else:
+        infinite_gradient_at({2})
+        config = write_config(tiny_config, tmp_path, adapter)
     out = tmp_path / "run"
     result = train(config, copy_csv, out)
     assert result.exit_code == 6
@@ -69,36 +100,32 @@ def test_nonfinite_stops_at_the_step_and_keeps_the_last_finite_checkpoint(
 
 
 def test_skip_batch_skips_nonfinite_steps_and_never_applies_them(
-    tiny_config: dict, copy_csv: Path, tmp_path: Path
+    tiny_config: dict, copy_csv: Path, tmp_path: Path, infinite_gradient_at
 ) -> None:
-    config = write_config(tiny_config, tmp_path, LORA, learning_rate=1e30, on_nonfinite="skip_batch")
+    infinite_gradient_at({2, 3, 4})
+    config = write_config(tiny_config, tmp_path, LORA, on_nonfinite="skip_batch")
     out = tmp_path / "run"
     result = train(config, copy_csv, out)
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
     skipped = [record["step"] for record in records if record.get("skipped")]
-    assert skipped == [2, 3, 4]  # by step 5 the decayed learning rate lets the gradient be finite again
+    assert skipped == [2, 3, 4]
     assert all(record["loss"] is None for record in records if record.get("skipped"))
     # Skipped steps changed nothing: after step 4 the adapter is still the one after step 1.
     after_step_1 = load_file(out / CHECKPOINT_DIR / "step-000001" / "weights.safetensors")
     after_step_4 = load_file(out / CHECKPOINT_DIR / "step-000004" / "weights.safetensors")
     for name, tensor in after_step_1.items():
         assert torch.equal(after_step_4[name], tensor)
+    after_step_5 = load_file(out / CHECKPOINT_DIR / "step-000005" / "weights.safetensors")
+    assert any(not torch.equal(after_step_5[name], tensor) for name, tensor in after_step_1.items())
     assert read_status(out)["status"] == "complete"
 
 
 def test_skip_batch_gives_up_after_max_skipped_steps(
-    tiny_config: dict, copy_csv: Path, tmp_path: Path
+    tiny_config: dict, copy_csv: Path, tmp_path: Path, infinite_gradient_at
 ) -> None:
-    config = write_config(
-        tiny_config,
-        tmp_path,
-        LORA,
-        learning_rate=1e30,
-        on_nonfinite="skip_batch",
-        max_skipped_steps=2,
-        lr_scheduler="constant",
-    )
+    infinite_gradient_at({2, 3, 4, 5})
+    config = write_config(tiny_config, tmp_path, LORA, on_nonfinite="skip_batch", max_skipped_steps=2)
     result = train(config, copy_csv, tmp_path / "run")
     assert result.exit_code == 6
     message = " ".join(result.output.split())

@@ -58,6 +58,25 @@ def test_rows_that_stop_early_leave_the_batch_unchanged_otherwise(tiny_model, to
     assert all(row[-1] in stop_ids for row in ours if len(row) < 12)
 
 
+def test_batch_shrinks_once_half_the_rows_have_stopped(tiny_model, tokenizer, prompt_ids) -> None:
+    """Stopped rows ride along while most rows run; the batch is cut when at most half are live."""
+    first = reference_tokens(tiny_model, tokenizer, prompt_ids, 12, {tokenizer.eos_token_id})
+    stop_ids = {tokenizer.eos_token_id} | {first[row][1] for row in range(4)}  # rows 0-3 stop by step 2
+    expected = reference_tokens(tiny_model, tokenizer, prompt_ids, 12, stop_ids)
+    batch_sizes: list[int] = []
+    hook = tiny_model.register_forward_pre_hook(
+        lambda _, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    batch = collate_prompts(prompt_ids, tokenizer.pad_token_id)
+    try:
+        ours = greedy_decode(tiny_model, batch["input_ids"], batch["attention_mask"], 12, stop_ids)
+    finally:
+        hook.remove()
+    assert [trim_at_stop(row, stop_ids) for row in ours] == expected
+    live_at_end = sum(len(row) == 12 and row[-1] not in stop_ids for row in ours)
+    assert batch_sizes[0] == len(prompt_ids) and batch_sizes[-1] < len(prompt_ids)
+    assert min(batch_sizes) >= live_at_end and all(size > len(prompt_ids) // 2 or size <= 3 for size in batch_sizes)
+
+
 def test_greedy_equals_transformers_generate_with_lora(tiny_model, tokenizer, prompt_ids) -> None:
     torch.manual_seed(0)
     model = attach_adapter(tiny_model, AdapterConfig(r=4, alpha=8, dropout=0.0))

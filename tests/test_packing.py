@@ -34,8 +34,8 @@ def make_example(prompt: list[int], target: list[int]) -> Example:
     return Example(input_ids=prompt + target, labels=labels, prompt_len=len(prompt))
 
 
-@pytest.fixture
-def examples() -> list[Example]:
+def random_examples() -> list[Example]:
+    """Six samples of different prompt and target lengths, fixed by a seed."""
     generator = torch.Generator().manual_seed(0)
     shapes = [(5, 4), (9, 3), (3, 6), (12, 2), (4, 4), (7, 5)]
     return [
@@ -43,6 +43,11 @@ def examples() -> list[Example]:
                      torch.randint(3, 250, (t,), generator=generator).tolist())
         for p, t in shapes
     ]
+
+
+@pytest.fixture
+def examples() -> list[Example]:
+    return random_examples()
 
 
 def test_pack_rows_first_fit_decreasing() -> None:

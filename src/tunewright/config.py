@@ -225,8 +225,8 @@ class TrainerConfig(Section):
         "(same effective batch and loss) and retry; one process only."
     )
     packing: bool = Field(
-        True, description="Pack each micro-batch's samples into full rows (positions restart per sample, "
-        "no attention across samples) instead of padding them; same loss, fewer wasted tokens."
+        True, description="Pack each micro-batch's samples into one row (positions restart per sample, "
+        "attention stays within each sample) instead of padding them; same loss, no wasted tokens."
     )
     group_by_length: bool = Field(
         False, description="Without packing: batch samples of similar length together to cut padding."
@@ -443,7 +443,8 @@ def load_config(source: str | Path | dict[str, Any] | TunewrightConfig | Any) ->
         return validate_config(source)
     path = Path(source)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found; pass the path of a YAML config")
+        shown = str(path) if str(path).isprintable() else repr(str(path))  # keep the error on one line
+        raise ConfigError(f"{shown}: config file not found; pass the path of a YAML config")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as error:

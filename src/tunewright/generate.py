@@ -70,11 +70,15 @@ def greedy_decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
                   max_new_tokens: int, stop_ids: set[int]) -> list[list[int]]:
     """Greedy new tokens of each left-padded row, up to and including its first stop token.
 
-    Each step feeds only the newest token against the KV cache and computes logits for it alone;
-    rows that emitted a stop token are dropped from the batch and from the cache.
+    Each step feeds only the newest token against the KV cache and computes logits for it alone.
+    Rows that emitted a stop token ride along until at most half the batch is still live; then
+    the batch (and its cache) is cut down to the live rows. Cutting at every finished row costs
+    more than it saves: a CPU decode step is bound by reading the weights, and matmuls of some
+    odd batch sizes run slower than 16 rows (bench/generate_speed.py, BENCHMARKS.md).
     """
     results: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
-    live = torch.arange(input_ids.shape[0], device=input_ids.device)  # (b,): original row of each live row
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)  # (b,): original row of each batch row
+    live = torch.ones_like(rows, dtype=torch.bool)  # (b,): not stopped yet
     positions = prompt_positions(attention_mask)
     output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
                    logits_to_keep=1)
@@ -82,16 +86,19 @@ def greedy_decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     stop = torch.tensor(sorted(stop_ids), device=input_ids.device)
     for step in range(max_new_tokens):
         tokens = output.logits[:, -1].argmax(dim=-1)  # (b,)
-        for row, token in zip(live.tolist(), tokens.tolist(), strict=True):
-            results[row].append(token)
-        keep = ~torch.isin(tokens, stop)  # (b,)
-        if step == max_new_tokens - 1 or not keep.any():
+        for row, token, running in zip(rows.tolist(), tokens.tolist(), live.tolist(), strict=True):
+            if running:
+                results[row].append(token)
+        live = live & ~torch.isin(tokens, stop)
+        live_count = int(live.sum())
+        if step == max_new_tokens - 1 or live_count == 0:
             break
-        if not keep.all():
-            cache.batch_select_indices(keep.nonzero().squeeze(1))
-            live, tokens, next_positions = live[keep], tokens[keep], next_positions[keep]
-            attention_mask = attention_mask[keep]
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(live), 1)], dim=1)  # (b, T+1)
+        if live_count <= len(rows) // 2:
+            cache.batch_select_indices(live.nonzero().squeeze(1))
+            rows, tokens, next_positions, attention_mask = rows[live], tokens[live], next_positions[live], \
+                attention_mask[live]
+            live = live[live]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)  # (b, T+1)
         output = model(input_ids=tokens.unsqueeze(1), attention_mask=attention_mask,
                        position_ids=next_positions, cache=cache, use_cache=True)
         next_positions = next_positions + 1

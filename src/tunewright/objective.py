@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunewright.adapters import adapter_penalty
+from tunewright.attention import varlen_kwargs
 from tunewright.data import IGNORE_INDEX
 
 
@@ -38,10 +39,15 @@ def causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 
 def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                  position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Last hidden states (B, T, H) without computing the (B, T, V) logits."""
+                  position_ids: torch.Tensor | None = None, cu_seq_lens: torch.Tensor | None = None) -> torch.Tensor:
+    """Last hidden states (B, T, H) without computing the (B, T, V) logits.
+
+    `cu_seq_lens` (sample boundaries of one packed row) lets varlen attention skip cross-sample scores.
+    """
     decoder, _ = causal_lm_parts(model)
-    output = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    extra = varlen_kwargs(cu_seq_lens) if cu_seq_lens is not None else {}
+    output = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                     **extra)
     return output.last_hidden_state
 
 
@@ -58,16 +64,16 @@ class LanguageModelObjective(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                **_: torch.Tensor) -> LossOutput:
-        # Packed rows (packing.py) come without attention_mask: their restarting position_ids
-        # make transformers build the block-diagonal causal mask (or flash-attention varlen).
+                cu_seq_lens: torch.Tensor | None = None, **_: torch.Tensor) -> LossOutput:
+        # Packed rows (packing.py) come without attention_mask, with restarting position_ids and
+        # their sample boundaries (cu_seq_lens) for varlen attention.
         next_labels = labels[:, 1:]  # (B, T-1): token t is predicted at position t-1
         mask = next_labels != IGNORE_INDEX  # (B, T-1)
         if uses_virtual_tokens(self.model):
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, P+T, V)
             logits = logits[:, -input_ids.shape[1] : -1][mask]  # drop virtual-token positions
         else:
-            hidden = hidden_states(self.model, input_ids, attention_mask, position_ids)[:, :-1]  # (B, T-1, H)
+            hidden = hidden_states(self.model, input_ids, attention_mask, position_ids, cu_seq_lens)[:, :-1]
             _, lm_head = causal_lm_parts(self.model)
             logits = lm_head(hidden[mask])  # (N, V), N = target tokens
         targets = next_labels[mask]  # (N,)
@@ -76,5 +82,6 @@ class LanguageModelObjective(nn.Module):
         penalty = adapter_penalty(self.model) if self.training else None
         if penalty is not None:  # AdaLoRA: once per step after fit() divides by the window's target tokens
             loss_sum = loss_sum + penalty * mask.sum()
-        correct = (logits.argmax(dim=-1) == targets).sum()
+        # Token accuracy is an evaluation figure; training skips its pass over the vocabulary.
+        correct = targets.new_zeros(()) if self.training else (logits.argmax(dim=-1) == targets).sum()
         return LossOutput(loss_sum=loss_sum, count=mask.sum(), correct=correct)

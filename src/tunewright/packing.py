@@ -1,12 +1,14 @@
 """Micro-batches without padding waste: packed rows, or length-grouped padded batches.
 
-Packing concatenates the samples of one micro-batch into as few rows as fit, each sample with
-position ids that restart at 0. No attention mask is passed: transformers' mask code
-(`masking_utils.find_packed_sequence_indices`) turns restarting position ids into a
-block-diagonal causal mask for SDPA and eager attention, and flash-attention 2 on CUDA reads
-them as variable-length sequences (`cu_seqlens`), so no sample ever sees another one. The
-micro-batch holds the same samples as without packing, so the loss and the gradients of every
-optimizer step are the same up to float rounding (tests/test_packing.py).
+Packing concatenates the samples of one micro-batch into one row, each sample with position ids
+that restart at 0, and passes the sample boundaries as `cu_seq_lens` (flash-attention's varlen
+keywords). No attention mask is passed. Flash-attention 2 on CUDA and our SDPA variant
+(attention.py, used for training on SDPA models) attend within each sample from those
+boundaries; any other attention gets transformers' block-diagonal causal mask, which
+`masking_utils.find_packed_sequence_indices` builds from the restarting position ids. Either
+way no sample ever sees another one. The micro-batch holds the same samples as without packing,
+so the loss and the gradients of every optimizer step are the same up to float rounding
+(tests/test_packing.py).
 """
 
 from __future__ import annotations
@@ -19,11 +21,6 @@ from torch import nn
 from tunewright.data import IGNORE_INDEX, Example, collate_training
 from tunewright.objective import LanguageModelObjective, uses_virtual_tokens
 
-# Packed rows hold up to this many tokens (or the longest sample, if longer). SDPA on CPU computes
-# the whole row's attention and masks it, so a longer row costs attention FLOPs that grow with
-# its length; at 512 that is about a sixth of a SmolLM2-135M layer's FLOPs, less than the padding
-# it removes. Flash-attention varlen (CUDA) attends within each sample, whatever the row length.
-PACKED_ROW_TOKENS = 512
 # Length grouping sorts this many batches' worth of shuffled samples at a time: enough to group
 # similar lengths, few enough that every epoch still mixes the data (as in transformers'
 # LengthGroupedSampler, which uses 50 batches).
@@ -51,15 +48,17 @@ def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 
 def collate_packed(examples: Sequence[Example], pad_id: int,
                    capacity: int | None = None) -> dict[str, torch.Tensor]:
-    """Pack a micro-batch into rows of at most `capacity` tokens (default: `PACKED_ROW_TOKENS`).
+    """Pack a micro-batch into rows of at most `capacity` tokens (default: one row, no padding).
 
-    Returns input_ids, labels and position_ids, each (R, W) with R rows of width W. The first
+    Returns input_ids, labels and position_ids, each (R, W) with R rows of width W, and for a
+    single row `cu_seq_lens` (S+1,): the cumulative sample lengths, starting at 0. A
+    `capacity` only pays off for attention that computes a whole row's (W, W) scores. The first
     token of every sample gets the label −100, as in an unpacked row where nothing predicts it;
     without that, the previous sample's last token would be trained to predict it. The tail of a
     short row is padding with its own restarting positions: a separate "sample" with no labels.
     """
     lengths = [len(example.input_ids) for example in examples]
-    rows = pack_rows(lengths, capacity or PACKED_ROW_TOKENS)
+    rows = pack_rows(lengths, capacity or sum(lengths))
     width = max(sum(lengths[i] for i in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (R, W)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)  # (R, W)
@@ -74,7 +73,11 @@ def collate_packed(examples: Sequence[Example], pad_id: int,
             position_ids[row, start:end] = torch.arange(lengths[index])
             start = end
         position_ids[row, start:] = torch.arange(width - start)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    if len(rows) == 1:
+        spans = torch.tensor([0] + [lengths[i] for i in rows[0]])
+        batch["cu_seq_lens"] = spans.cumsum(0).to(torch.int32)
+    return batch
 
 
 def collate_micro_batch(examples: Sequence[Example], pad_id: int, packing: bool) -> dict[str, torch.Tensor]:

@@ -9,12 +9,13 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from accelerate import Accelerator
 from torch import nn
 
+from tunewright.attention import packed_attention
 from tunewright.checkpoint import (
     Checkpoint,
     TrainerState,
@@ -298,6 +299,8 @@ def fit(
     """
     torch.manual_seed(cfg.seed)
     packing = cfg.packing and supports_packing(objective)
+    # Packed rows attend per sample (attention.py); padded evaluation batches keep plain SDPA.
+    attention = packed_attention(cast(nn.Module, objective.model)) if packing else nullcontext()
     autocast = autocast_for(cfg.precision, accelerator.device)
     parameters = trainable_parameters(objective)
     if not parameters:
@@ -337,7 +340,7 @@ def fit(
             last_checkpoint = save_training_checkpoint(checkpoint_dir, state, ctx, scheduler, best_weights)
         return last_checkpoint
 
-    with progress, stop:
+    with progress, stop, attention:
         progress.update(None, advance=state.step)
         for step, (epoch, window) in enumerate(optimizer_windows(len(train_examples), cfg, world_size, lengths)):
             if step < state.step:

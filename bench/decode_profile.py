@@ -1,0 +1,116 @@
+"""Where greedy generation's time goes on this machine: prefill, and one decode step per batch size.
+
+Measures, on smollm2-135m (fp32) with the same 16 Alpaca prompts as bench/generate_speed.py:
+- the prefill of the 16 left-padded prompts (seconds, and GFLOP/s against the fp32 matmul limit);
+- one decode step (one new token per row against the KV cache) at batch sizes 1 to 16: the
+  median of 8 steps, and the weight-read rate it implies (every step reads all the weights);
+- the machine's memory read bandwidth (summing a 1 GiB fp32 tensor) and fp32 matmul limit.
+
+Together they give the floor of a 32-token batched run and show how far the kernels are from it.
+
+    .venv/bin/python bench/decode_profile.py --out bench/results/decode_profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tunewright.config import BackendConfig
+from tunewright.data import collate_prompts, encode_prompts
+from tunewright.generate import prompt_positions
+from tunewright.model import load_base_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from generate_speed import alpaca_prompts  # noqa: E402
+from matmul_limit import measure  # noqa: E402
+
+BATCH_SIZES = [1, 2, 4, 8, 12, 13, 14, 15, 16]
+
+
+def read_bandwidth_gb_s(gib: int = 1, repeats: int = 5) -> float:
+    data = torch.ones(gib * 2**30 // 4)
+    data.sum()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        data.sum()
+    return repeats * data.numel() * 4 / 1e9 / (time.perf_counter() - started)
+
+
+@torch.inference_mode()
+def decode_step_seconds(model, batch: dict[str, torch.Tensor], steps: int = 8) -> float:
+    mask = batch["attention_mask"]
+    positions = prompt_positions(mask)
+    output = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True,
+                   logits_to_keep=1)
+    cache, next_positions, times = output.cache, positions[:, -1:] + 1, []
+    for _ in range(steps):
+        tokens = output.logits[:, -1].argmax(dim=-1)
+        mask = torch.cat([mask, mask.new_ones(len(tokens), 1)], dim=1)
+        started = time.perf_counter()
+        output = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_positions, cache=cache,
+                       use_cache=True)
+        times.append(time.perf_counter() - started)
+        next_positions = next_positions + 1
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def prefill_seconds(model, batch: dict[str, torch.Tensor], repeats: int = 3) -> float:
+    positions = prompt_positions(batch["attention_mask"])
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        model(**batch, position_ids=positions, use_cache=True, logits_to_keep=1)
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    loaded = load_base_model("smollm2-135m", BackendConfig(device="cpu", dtype="float32"))
+    model, tokenizer = loaded.model.eval(), loaded.tokenizer
+    prompt_ids = encode_prompts(alpaca_prompts(16), tokenizer, use_chat_template=True)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    layer_params = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n and p.dim() == 2)
+    lm_head_params = model.get_output_embeddings().weight.numel()
+
+    batch = collate_prompts(prompt_ids, tokenizer.pad_token_id)
+    prefill = prefill_seconds(model, batch)
+    padded_tokens = batch["input_ids"].numel()
+    prefill_flops = 2 * layer_params * padded_tokens + 2 * lm_head_params * len(prompt_ids)
+    steps = {size: decode_step_seconds(model, collate_prompts(prompt_ids[:size], tokenizer.pad_token_id))
+             for size in BATCH_SIZES}
+    bandwidth = read_bandwidth_gb_s()
+    matmul = measure(2)
+
+    floor_step = max(weight_bytes / (bandwidth * 1e9),
+                     2 * (layer_params + lm_head_params) * 16 / (matmul["fp32_gflops"] * 1e9))
+    report = {
+        "weight_mib": weight_bytes / 2**20, "read_bandwidth_gb_s": bandwidth, "matmul": matmul,
+        "prefill": {"padded_tokens": padded_tokens, "real_tokens": sum(map(len, prompt_ids)), "seconds": prefill,
+                    "gflop_s": prefill_flops / prefill / 1e9,
+                    "fraction_of_fp32_matmul_limit": prefill_flops / prefill / 1e9 / matmul["fp32_gflops"]},
+        "decode_step_ms": {size: seconds * 1e3 for size, seconds in steps.items()},
+        "decode_weight_read_gb_s": {size: weight_bytes / seconds / 1e9 for size, seconds in steps.items()},
+        "decode_step_floor_ms_batch16": floor_step * 1e3,
+        "run_floor_s_32_tokens": prefill + 31 * floor_step,
+        "run_measured_kernels_s_32_tokens": prefill + 31 * steps[16],
+    }
+    print(json.dumps(report, indent=1))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Per-sample (varlen) SDPA for packed rows gives what masked SDPA gives, without cross-sample work.
+
+Tolerance: fp32; hidden states agree to 1e-5 and gradients to a relative 1e-4 of their norm
+(only the summation order of differently shaped kernels differs).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate import Accelerator
+from test_packing import GRAD_RTOL, gradients, lora_objective, make_example, random_examples
+
+from tunewright.attention import VARLEN_SDPA, packed_attention
+from tunewright.config import TrainerConfig
+from tunewright.data import Example, collate_training
+from tunewright.objective import hidden_states
+from tunewright.packing import collate_packed
+from tunewright.train import fit
+
+
+@pytest.fixture
+def examples() -> list[Example]:
+    return random_examples()
+
+
+def test_collate_packed_gives_one_row_and_sample_boundaries(examples) -> None:
+    batch = collate_packed(examples, pad_id=0)
+    lengths = sorted((len(e.input_ids) for e in examples), reverse=True)  # first-fit-decreasing order
+    assert batch["input_ids"].shape == (1, sum(lengths))  # no padding at all
+    assert batch["cu_seq_lens"].tolist() == [sum(lengths[:i]) for i in range(len(lengths) + 1)]
+    assert batch["cu_seq_lens"].dtype == torch.int32
+    assert "cu_seq_lens" not in collate_packed(examples, pad_id=0, capacity=20)  # several rows: mask path
+
+
+def test_varlen_hidden_states_equal_masked_and_separate(tiny_model, examples) -> None:
+    batch = collate_packed(examples, pad_id=0)
+    with torch.no_grad():
+        masked = hidden_states(tiny_model, batch["input_ids"], None, batch["position_ids"])
+        with packed_attention(tiny_model):
+            varlen = hidden_states(tiny_model, batch["input_ids"], None, batch["position_ids"], batch["cu_seq_lens"])
+        edges = batch["cu_seq_lens"].tolist()
+        spans = zip(edges[:-1], edges[1:], strict=True)
+        alone = torch.cat([hidden_states(tiny_model, batch["input_ids"][:, a:b], None) for a, b in spans], dim=1)
+    assert torch.allclose(varlen, masked, atol=1e-5)
+    assert torch.allclose(varlen, alone, atol=1e-5)
+
+
+def test_varlen_gradients_equal_padded(tiny_model, examples) -> None:
+    objective = lora_objective(tiny_model)
+    with packed_attention(objective.model):
+        packed_loss, packed_grads = gradients(objective, collate_packed(examples, pad_id=0))
+        padded_loss, padded_grads = gradients(objective, collate_training(examples, pad_id=0))
+    assert packed_loss == pytest.approx(padded_loss, rel=1e-6)
+    for name, grad in padded_grads.items():
+        assert torch.linalg.norm(packed_grads[name] - grad) <= GRAD_RTOL * torch.linalg.norm(grad), name
+
+
+def test_padded_batches_keep_their_mask_under_varlen(tiny_model) -> None:
+    """Evaluation batches (right-padded, with a mask, no boundaries) take plain SDPA unchanged."""
+    batch = collate_training([make_example([5, 6, 7], [8, 2]), make_example([9], [4])], pad_id=0)
+    with torch.no_grad():
+        plain = hidden_states(tiny_model, batch["input_ids"], batch["attention_mask"])
+        with packed_attention(tiny_model):
+            switched = hidden_states(tiny_model, batch["input_ids"], batch["attention_mask"])
+    assert torch.equal(plain, switched)
+
+
+def test_packed_attention_switches_sdpa_only_and_restores(tiny_model) -> None:
+    assert tiny_model.config._attn_implementation == "sdpa"
+    with packed_attention(tiny_model):
+        assert tiny_model.config._attn_implementation == VARLEN_SDPA
+    assert tiny_model.config._attn_implementation == "sdpa"
+    tiny_model.set_attn_implementation("eager")  # eager keeps its block-diagonal mask
+    with packed_attention(tiny_model):
+        assert tiny_model.config._attn_implementation == "eager"
+
+
+def test_fit_trains_packed_rows_with_varlen_attention(tiny_model, examples) -> None:
+    objective = lora_objective(tiny_model)
+    seen: list[str] = []
+    hook = tiny_model.model.register_forward_pre_hook(
+        lambda module, *_: seen.append(module.config._attn_implementation))
+    cfg = TrainerConfig(max_steps=2, batch_size=3, learning_rate=0.01, packing=True)
+    fit(objective, examples, examples[:2], cfg, Accelerator(cpu=True), pad_id=0, show_progress=False)
+    hook.remove()
+    assert VARLEN_SDPA in seen and tiny_model.config._attn_implementation == "sdpa"
