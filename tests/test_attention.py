@@ -11,7 +11,7 @@ import torch
 from accelerate import Accelerator
 from test_packing import GRAD_RTOL, gradients, lora_objective, make_example, random_examples
 
-from tunewright.attention import VARLEN_SDPA, packed_attention
+from tunewright.attention import MASKED_ROW_TOKENS, VARLEN_SDPA, packed_attention, packed_row_capacity
 from tunewright.config import TrainerConfig
 from tunewright.data import Example, collate_training
 from tunewright.objective import hidden_states
@@ -85,3 +85,19 @@ def test_fit_trains_packed_rows_with_varlen_attention(tiny_model, examples) -> N
     fit(objective, examples, examples[:2], cfg, Accelerator(cpu=True), pad_id=0, show_progress=False)
     hook.remove()
     assert VARLEN_SDPA in seen and tiny_model.config._attn_implementation == "sdpa"
+
+
+def test_rows_stay_short_for_attention_that_masks_the_whole_row(tiny_model) -> None:
+    """Eager attention computes (W, W) scores: its packed rows are capped; varlen-capable ones are not."""
+    assert packed_row_capacity(tiny_model) is None  # sdpa: switched to varlen for packed training
+    tiny_model.set_attn_implementation("eager")
+    assert packed_row_capacity(tiny_model) == MASKED_ROW_TOKENS
+    long_samples = [make_example(list(range(3, 203)), list(range(3, 103))) for _ in range(4)]  # 300 tokens each
+    objective = lora_objective(tiny_model)
+    widths: list[int] = []
+    hook = tiny_model.model.register_forward_pre_hook(
+        lambda _, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    cfg = TrainerConfig(max_steps=1, batch_size=4, learning_rate=0.01, packing=True)
+    fit(objective, long_samples, [], cfg, Accelerator(cpu=True), pad_id=0, show_progress=False)
+    hook.remove()
+    assert widths and max(widths) <= MASKED_ROW_TOKENS

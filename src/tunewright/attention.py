@@ -22,6 +22,11 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 VARLEN_SDPA = "tunewright_varlen_sdpa"
+# Implementations that attend per sample given the boundaries ("sdpa" is switched to VARLEN_SDPA
+# for packed training). Any other one computes a packed row's whole (W, W) scores under a mask,
+# so its rows are kept short: the mask and the scores grow with the square of the row.
+VARLEN_CAPABLE = {"sdpa", VARLEN_SDPA, "flash_attention_2", "flash_attention_3"}
+MASKED_ROW_TOKENS = 512
 
 
 def varlen_sdpa_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -56,6 +61,14 @@ def varlen_kwargs(cu_seq_lens: torch.Tensor) -> dict[str, Any]:
     longest = int((cu_seq_lens[1:] - cu_seq_lens[:-1]).max())
     return {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
             "max_length_q": longest, "max_length_k": longest}
+
+
+def packed_row_capacity(model: nn.Module) -> int | None:
+    """Tokens per packed row: no limit (one row per micro-batch) with varlen attention, else 512."""
+    get_base_model = getattr(model, "get_base_model", None)
+    base = get_base_model() if callable(get_base_model) else model
+    implementation = getattr(getattr(base, "config", None), "_attn_implementation", None)
+    return None if implementation in VARLEN_CAPABLE else MASKED_ROW_TOKENS
 
 
 @contextmanager

@@ -5,7 +5,8 @@ that restart at 0, and passes the sample boundaries as `cu_seq_lens` (flash-atte
 keywords). No attention mask is passed. Flash-attention 2 on CUDA and our SDPA variant
 (attention.py, used for training on SDPA models) attend within each sample from those
 boundaries; any other attention gets transformers' block-diagonal causal mask, which
-`masking_utils.find_packed_sequence_indices` builds from the restarting position ids. Either
+`masking_utils.find_packed_sequence_indices` builds from the restarting position ids, in rows
+capped at `attention.MASKED_ROW_TOKENS` since it computes a whole row's scores. Either
 way no sample ever sees another one. The micro-batch holds the same samples as without packing,
 so the loss and the gradients of every optimizer step are the same up to float rounding
 (tests/test_packing.py).
@@ -80,13 +81,15 @@ def collate_packed(examples: Sequence[Example], pad_id: int,
     return batch
 
 
-def collate_micro_batch(examples: Sequence[Example], pad_id: int, packing: bool) -> dict[str, torch.Tensor]:
+def collate_micro_batch(examples: Sequence[Example], pad_id: int, packing: bool,
+                        row_capacity: int | None = None) -> dict[str, torch.Tensor]:
     """The tensors of one training micro-batch: packed rows, or right-padded rows with a mask.
 
+    Packed rows hold at most `row_capacity` tokens (None: the whole micro-batch in one row).
     Category examples (with a label index) are never packed: their classifier reads one row per sample.
     """
     if packing and examples[0].label_index is None:
-        return collate_packed(examples, pad_id)
+        return collate_packed(examples, pad_id, row_capacity)
     return collate_training(examples, pad_id)
 
 

@@ -15,7 +15,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from tunewright.attention import packed_attention
+from tunewright.attention import packed_attention, packed_row_capacity
 from tunewright.checkpoint import (
     Checkpoint,
     TrainerState,
@@ -157,6 +157,7 @@ class StepContext:
     accelerator: Accelerator
     pad_id: int
     packing: bool
+    row_capacity: int | None  # tokens per packed row (None: one row per micro-batch)
     autocast: Any
     stop: StopRequest
 
@@ -175,7 +176,7 @@ def accumulate_window(ctx: StepContext, window: Sequence[list[int]], micro_size:
     for micro_index, indices in enumerate(micro_batches):
         if world_size == 1 and ctx.stop.signal_number is not None:
             raise StopNow
-        batch = collate_micro_batch([ctx.examples[i] for i in indices], ctx.pad_id, ctx.packing)
+        batch = collate_micro_batch([ctx.examples[i] for i in indices], ctx.pad_id, ctx.packing, ctx.row_capacity)
         batch = {key: value.to(accelerator.device) for key, value in batch.items()}
         # Gradients are synchronised once per optimizer step, on its last micro-batch.
         sync = micro_index == len(micro_batches) - 1
@@ -300,7 +301,9 @@ def fit(
     torch.manual_seed(cfg.seed)
     packing = cfg.packing and supports_packing(objective)
     # Packed rows attend per sample (attention.py); padded evaluation batches keep plain SDPA.
-    attention = packed_attention(cast(nn.Module, objective.model)) if packing else nullcontext()
+    packed_model = cast(nn.Module, objective.model) if packing else None
+    attention = packed_attention(packed_model) if packed_model is not None else nullcontext()
+    row_capacity = packed_row_capacity(packed_model) if packed_model is not None else None
     autocast = autocast_for(cfg.precision, accelerator.device)
     parameters = trainable_parameters(objective)
     if not parameters:
@@ -330,7 +333,7 @@ def fit(
     lengths = [len(example.input_ids) for example in train_examples]
     stop = StopRequest()
     ctx = StepContext(objective, optimizer, parameters, train_examples, lengths, cfg, accelerator, pad_id,
-                      packing, autocast, stop)
+                      packing, row_capacity, autocast, stop)
     last_checkpoint = resume.path if resume is not None else None
     started, tokens_seen = time.perf_counter(), 0
 
