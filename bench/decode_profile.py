@@ -30,6 +30,7 @@ from tunewright.model import load_base_model
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generate_speed import alpaca_prompts  # noqa: E402
 from matmul_limit import measure  # noqa: E402
+from report import save_json  # noqa: E402
 
 BATCH_SIZES = [1, 2, 4, 8, 12, 13, 14, 15, 16]
 
@@ -107,9 +108,7 @@ def main() -> None:
         "run_measured_kernels_s_32_tokens": prefill + 31 * steps[16],
     }
     print(json.dumps(report, indent=1))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    save_json(report, args.out)
 
 
 if __name__ == "__main__":

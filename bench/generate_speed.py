@@ -29,6 +29,7 @@ from tunewright.model import load_base_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from matmul_limit import measure  # noqa: E402
+from report import save_json  # noqa: E402
 
 ALPACA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca" / "alpaca_data_first200.json"
 
@@ -113,9 +114,7 @@ def main() -> None:
     result["ratio_vs_batched"] = speed["transformers_batched"] / speed["tunewright"]
     result["ratio_vs_one_at_a_time"] = speed["transformers_one_at_a_time"] / speed["tunewright"]
     print(json.dumps(result, indent=1))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    save_json(result, args.out)
 
 
 if __name__ == "__main__":

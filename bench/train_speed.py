@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from matmul_limit import measure  # noqa: E402
+from report import save_json  # noqa: E402
 
 ALPACA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca" / "alpaca_data_first200.json"
 ROWS, MAX_LENGTH, BATCH_SIZE, LEARNING_RATE, SEED = 100, 256, 4, 2e-4, 42
@@ -300,9 +301,7 @@ def main() -> None:
     print(json.dumps({k: v for k, v in report.items() if k != "methods"}, indent=1))
     for method, entry in report["methods"].items():
         print(method, {k: v for k, v in entry.items() if k != "runs"})
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    save_json(report, args.out)
 
 
 def target_token_fraction() -> float:

@@ -79,6 +79,12 @@ class ParameterReport:
         return f"trainable parameters: {self.trainable:,} of {self.total:,} ({100 * self.fraction:.4f}%)"
 
 
+def base_model(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper, or the model itself when it has none."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
 def count_parameters(model: nn.Module) -> ParameterReport:
     """Trainable and total parameters (tied weights counted once, virtual-token tables included)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -21,6 +21,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from tunewright.adapters import base_model
+
 VARLEN_SDPA = "tunewright_varlen_sdpa"
 # Implementations that attend per sample given the boundaries ("sdpa" is switched to VARLEN_SDPA
 # for packed training). Any other one computes a packed row's whole (W, W) scores under a mask,
@@ -65,9 +67,7 @@ def varlen_kwargs(cu_seq_lens: torch.Tensor) -> dict[str, Any]:
 
 def packed_row_capacity(model: nn.Module) -> int | None:
     """Tokens per packed row: no limit (one row per micro-batch) with varlen attention, else 512."""
-    get_base_model = getattr(model, "get_base_model", None)
-    base = get_base_model() if callable(get_base_model) else model
-    implementation = getattr(getattr(base, "config", None), "_attn_implementation", None)
+    implementation = getattr(getattr(base_model(model), "config", None), "_attn_implementation", None)
     return None if implementation in VARLEN_CAPABLE else MASKED_ROW_TOKENS
 
 
@@ -77,8 +77,7 @@ def packed_attention(model: nn.Module) -> Iterator[None]:
 
     Flash-attention models read the same boundaries natively and are left as they are.
     """
-    get_base_model = getattr(model, "get_base_model", None)
-    base = get_base_model() if callable(get_base_model) else model
+    base = base_model(model)
     config = getattr(base, "config", None)
     switch = getattr(base, "set_attn_implementation", None)
     if not callable(switch) or getattr(config, "_attn_implementation", None) != "sdpa":

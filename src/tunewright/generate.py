@@ -95,8 +95,8 @@ def greedy_decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
             break
         if live_count <= len(rows) // 2:
             cache.batch_select_indices(live.nonzero().squeeze(1))
-            rows, tokens, next_positions, attention_mask = rows[live], tokens[live], next_positions[live], \
-                attention_mask[live]
+            rows, tokens, next_positions = rows[live], tokens[live], next_positions[live]
+            attention_mask = attention_mask[live]
             live = live[live]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)  # (b, T+1)
         output = model(input_ids=tokens.unsqueeze(1), attention_mask=attention_mask,

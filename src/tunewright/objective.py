@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunewright.adapters import adapter_penalty
+from tunewright.adapters import adapter_penalty, base_model
 from tunewright.attention import varlen_kwargs
 from tunewright.data import IGNORE_INDEX
 
@@ -34,7 +34,7 @@ def uses_virtual_tokens(model: nn.Module) -> bool:
 
 def causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """(decoder, lm_head) of a causal LM, looking through a peft wrapper (its layers stay injected)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     return base.get_decoder(), base.get_output_embeddings()
 
 

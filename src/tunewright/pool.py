@@ -21,6 +21,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunewright import api
+from tunewright.adapters import base_model
 from tunewright.config import GenerationSettings, TunewrightConfig, load_config
 from tunewright.errors import TunewrightError
 from tunewright.heads import load_vocabulary
@@ -62,9 +63,7 @@ class ServedModel:
 
     def __post_init__(self) -> None:
         self.request_tokenizer = copy.deepcopy(self.tuned.tokenizer)
-        model = self.tuned.model
-        base = model.get_base_model() if isinstance(model, PeftModel) else model
-        self.context_len = context_length(cast(PreTrainedModel, base))
+        self.context_len = context_length(cast(PreTrainedModel, base_model(self.tuned.model)))
 
     @contextmanager
     def active(self) -> Iterator[Any]:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from tunewright.adapters import base_model
 from tunewright.config import GenerationSettings, TunewrightConfig
 from tunewright.data import encode_prompts, fit_prompts, render_prompts
 from tunewright.generate import generate_texts
@@ -49,7 +50,7 @@ class TunedModel:
 
     @property
     def max_input_len(self) -> int:
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        base = base_model(self.model)
         cap = self.config.preprocessing.max_input_length
         return max_input_length(base, self.config.generation.max_new_tokens, cap)
 

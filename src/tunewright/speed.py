@@ -8,6 +8,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from tunewright.adapters import base_model
+
 MixedPrecision = Literal["no", "bf16"]
 
 
@@ -54,6 +56,6 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     Non-reentrant checkpointing works with frozen embeddings (LoRA) without forcing the inputs
     to require gradients.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base.config.use_cache = False
