@@ -22,7 +22,7 @@ from tunewright import api
 from tunewright.config import GenerationSettings
 from tunewright.data import collate_prompts
 from tunewright.errors import TunewrightError
-from tunewright.generate import to_generation_config
+from tunewright.generate import stop_token_ids, to_generation_config
 from tunewright.pool import ServedModel
 
 log = logging.getLogger(__name__)
@@ -244,7 +244,7 @@ def run_generation(jobs: list[GenerationJob]) -> None:
     """Generate every job's row in one left-padded batch (all jobs share model and sampling settings)."""
     first = jobs[0]
     tokenizer = first.model.tuned.tokenizer
-    stop_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+    stop_ids = stop_token_ids(tokenizer)
     rows = [RowState(job, tokenizer, stop_ids) for job in jobs]
     config = to_generation_config(first.settings, tokenizer, max(job.max_tokens for job in jobs))
     # Beam search cannot stream rows step by step in transformers; its rows are replayed afterwards.

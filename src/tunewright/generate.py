@@ -43,6 +43,11 @@ def to_generation_config(settings: GenerationSettings, tokenizer: PreTrainedToke
     )
 
 
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """The tokens that end a generated row: EOS and padding."""
+    return {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+
+
 def trim_at_stop(ids: Sequence[int], stop_ids: set[int]) -> list[int]:
     """New tokens up to (not including) the first EOS/pad."""
     out = []
@@ -115,7 +120,7 @@ def generate_ids(
 ) -> list[list[int]]:
     """Generate for every prompt, in batches sorted by length to cut padding; results keep input order."""
     config = to_generation_config(settings, tokenizer)
-    stop_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+    stop_ids = stop_token_ids(tokenizer)
     greedy = uses_greedy_loop(model, settings)
     order = sorted(range(len(prompt_ids)), key=lambda row: len(prompt_ids[row]), reverse=True)
     results: list[list[int]] = [[] for _ in prompt_ids]

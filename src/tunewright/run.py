@@ -43,15 +43,19 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"
 FULL_WEIGHTS_FILE = "model.safetensors"
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON through a temporary file and a rename, so readers never see half a file."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename, so readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(handle, "w", encoding="utf-8") as stream:
-        json.dump(payload, stream, indent=2, default=float)
+        stream.write(text)
         stream.flush()
         os.fsync(stream.fileno())
     os.replace(temporary, path)
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    write_text_atomic(path, json.dumps(payload, indent=2, default=float))
 
 
 def read_status(run_dir: Path) -> dict[str, Any]:
@@ -155,10 +159,7 @@ def truncate_log(run_dir: Path, step: int) -> None:
                 kept.append(line)
         except (ValueError, KeyError, TypeError):
             continue  # a line cut short by a kill
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=run_dir)
-    with os.fdopen(handle, "w", encoding="utf-8") as stream:
-        stream.write("".join(f"{line}\n" for line in kept))
-    os.replace(temporary, path)
+    write_text_atomic(path, "".join(f"{line}\n" for line in kept))
 
 
 def append_log(run_dir: Path, record: dict[str, Any]) -> None:
