@@ -24,10 +24,13 @@ def matmul_gflops(dtype: torch.dtype, seconds: float = 1.0) -> float:
     best = 0.0
     for m, k, n in SHAPES:
         a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-        for _ in range(3):
+        started = time.perf_counter()
+        for _ in range(3):  # warm-up; one run is enough where a matmul takes seconds (emulated bf16)
             a @ b
+            if time.perf_counter() - started > seconds:
+                break
         runs, started = 0, time.perf_counter()
-        while time.perf_counter() - started < seconds:
+        while runs == 0 or time.perf_counter() - started < seconds:
             a @ b
             runs += 1
         best = max(best, 2 * m * k * n * runs / (time.perf_counter() - started) / 1e9)

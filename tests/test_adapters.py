@@ -107,9 +107,14 @@ def base_model(model_dir: Path) -> torch.nn.Module:
 
 
 def test_save_then_load_gives_identical_logits_and_tokens(trained) -> None:
-    _, result = trained
+    name, result = trained
     loaded = tunewright.load(result.run_dir)
-    assert torch.equal(logits_of(result.model.model), logits_of(loaded.model))
+    if name == "adalora":
+        # AdaLoRA saves only the ranks it kept: the loaded matrices are smaller, and a matmul of
+        # another shape may round differently in the last bit (seen on AMD EPYC, not on Intel).
+        assert torch.allclose(logits_of(result.model.model), logits_of(loaded.model), rtol=0, atol=1e-6)
+    else:
+        assert torch.equal(logits_of(result.model.model), logits_of(loaded.model))
     rows = copy_rows(8)
     before = tunewright.predict(result.model, rows)["prediction"].tolist()
     assert tunewright.predict(loaded, rows)["prediction"].tolist() == before

@@ -15,6 +15,7 @@ from torch import nn
 from tunewright.adapters import adapter_penalty, base_model
 from tunewright.attention import varlen_kwargs
 from tunewright.data import IGNORE_INDEX
+from tunewright.lm_loss import linear_cross_entropy
 
 
 @dataclass
@@ -55,7 +56,8 @@ class LanguageModelObjective(nn.Module):
     """Next-token cross-entropy on target tokens only.
 
     The LM head runs only on positions whose label is not −100, so the logits of prompt and
-    padding positions (most of a batch, at vocabularies of ~50k) are never materialised.
+    padding positions (most of a batch, at vocabularies of ~50k) are never materialised; with a
+    plain linear head the loss is fused with it (lm_loss.py) and no logits are kept for backward.
     """
 
     def __init__(self, model: nn.Module):
@@ -75,13 +77,20 @@ class LanguageModelObjective(nn.Module):
         else:
             hidden = hidden_states(self.model, input_ids, attention_mask, position_ids, cu_seq_lens)[:, :-1]
             _, lm_head = causal_lm_parts(self.model)
+            if type(lm_head) is nn.Linear:  # a plain head (not adapted): the fused loss
+                loss_sum, correct = linear_cross_entropy(hidden[mask], lm_head, next_labels[mask],
+                                                         want_correct=not self.training)
+                return self._output(loss_sum, correct, mask)
             logits = lm_head(hidden[mask])  # (N, V), N = target tokens
         targets = next_labels[mask]  # (N,)
         logits = logits.float()
         loss_sum = F.cross_entropy(logits, targets, reduction="sum")
+        # Token accuracy is an evaluation figure; training skips its pass over the vocabulary.
+        correct = targets.new_zeros(()) if self.training else (logits.argmax(dim=-1) == targets).sum()
+        return self._output(loss_sum, correct, mask)
+
+    def _output(self, loss_sum: torch.Tensor, correct: torch.Tensor, mask: torch.Tensor) -> LossOutput:
         penalty = adapter_penalty(self.model) if self.training else None
         if penalty is not None:  # AdaLoRA: once per step after fit() divides by the window's target tokens
             loss_sum = loss_sum + penalty * mask.sum()
-        # Token accuracy is an evaluation figure; training skips its pass over the vocabulary.
-        correct = targets.new_zeros(()) if self.training else (logits.argmax(dim=-1) == targets).sum()
         return LossOutput(loss_sum=loss_sum, count=mask.sum(), correct=correct)

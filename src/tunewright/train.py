@@ -25,6 +25,7 @@ from tunewright.checkpoint import (
     save_checkpoint,
 )
 from tunewright.config import TrainerConfig
+from tunewright.cpu_speed import fast_dropout, reuse_freed_memory
 from tunewright.data import IGNORE_INDEX, Example, collate_training
 from tunewright.errors import RunFolderError, TrainingError
 from tunewright.faults import (
@@ -305,6 +306,9 @@ def fit(
     attention = packed_attention(packed_model) if packed_model is not None else nullcontext()
     row_capacity = packed_row_capacity(packed_model) if packed_model is not None else None
     autocast = autocast_for(cfg.precision, accelerator.device)
+    if accelerator.device.type == "cpu":
+        reuse_freed_memory()
+    dropout = fast_dropout(objective)
     parameters = trainable_parameters(objective)
     if not parameters:
         raise TrainingError("nothing to train: no parameter requires a gradient (check the adapter config)")
@@ -343,7 +347,7 @@ def fit(
             last_checkpoint = save_training_checkpoint(checkpoint_dir, state, ctx, scheduler, best_weights)
         return last_checkpoint
 
-    with progress, stop, attention:
+    with progress, stop, attention, dropout:
         progress.update(None, advance=state.step)
         for step, (epoch, window) in enumerate(optimizer_windows(len(train_examples), cfg, world_size, lengths)):
             if step < state.step:

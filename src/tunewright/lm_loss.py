@@ -1,0 +1,89 @@
+"""Cross-entropy through the LM head without keeping the (targets x vocabulary) logits for backward.
+
+The plain path (`lm_head(h)`, `cross_entropy`) stores the logits, runs log-softmax over them,
+and in the backward pass runs log-softmax's backward and a zero-filled scatter over them again:
+at SmolLM2's 49k vocabulary that is several passes over a ~50 MB tensor per micro-batch. Here
+each chunk of target rows goes forward once: logits, log-sum-exp, and at once the gradient
+softmax - one_hot, multiplied back to the hidden size. Only that (N, H) gradient is kept, and
+the backward pass just scales it. The chunks bound the memory at CHUNK_ELEMENTS logits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+CHUNK_ELEMENTS = 1 << 25  # logits per chunk (128 MiB in fp32)
+
+
+def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                want_grad: bool, want_correct: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(loss sum, d loss_sum / d logits if wanted, correct argmax count) of one chunk of rows."""
+    logits = F.linear(hidden, weight, bias).float()  # (n, V)
+    correct = (logits.argmax(dim=-1) == targets).sum() if want_correct else targets.new_zeros(())
+    target_logits = logits.gather(1, targets[:, None]).squeeze(1)
+    shift = logits.amax(dim=-1, keepdim=True)
+    exp = logits.sub_(shift).exp_()  # in place: the logits are not needed any more
+    sum_exp = exp.sum(dim=-1, keepdim=True)
+    loss = (sum_exp.log() + shift).squeeze(1).sub(target_logits).sum()
+    if not want_grad:
+        return loss, None, correct
+    probabilities = exp.div_(sum_exp)
+    probabilities[torch.arange(len(targets), device=targets.device), targets] -= 1.0
+    return loss, probabilities, correct
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  # type: ignore[override]
+                targets: torch.Tensor, want_correct: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_bias = bias is not None and ctx.needs_input_grad[2]
+        want_grad = need_hidden or need_weight or need_bias
+        rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
+        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias and bias is not None else None
+        for start in range(0, hidden.shape[0], rows):
+            chunk = hidden[start : start + rows]
+            loss, grad_logits, chunk_correct = _chunk_loss(chunk, weight, bias, targets[start : start + rows],
+                                                           want_grad, want_correct)
+            loss_sum += loss
+            correct += chunk_correct
+            if grad_logits is None:
+                continue
+            if grad_hidden is not None:
+                grad_hidden[start : start + rows] = grad_logits.to(weight.dtype) @ weight
+            if grad_weight is not None:
+                grad_weight += grad_logits.T @ chunk.float()
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(dim=0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
+        ctx.mark_non_differentiable(correct)
+        return loss_sum, correct
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor, _grad_correct: Any) -> tuple[Any, ...]:  # type: ignore[override]
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        hidden_dtype, weight_dtype = ctx.hidden_dtype, ctx.weight_dtype
+
+        def scaled(grad: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+            return None if grad is None else (grad * grad_loss).to(dtype)
+
+        return (scaled(grad_hidden, hidden_dtype), scaled(grad_weight, weight_dtype),
+                scaled(grad_bias, weight_dtype), None, None)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, lm_head: torch.nn.Linear, targets: torch.Tensor,
+                         want_correct: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of cross-entropy, correct argmax count) of `lm_head(hidden)` against `targets`.
+
+    hidden (N, H), targets (N,). The loss is computed in fp32 whatever the weights' dtype.
+    """
+    loss_sum, correct = _LinearCrossEntropy.apply(hidden, lm_head.weight, lm_head.bias, targets, want_correct)
+    return loss_sum, correct
