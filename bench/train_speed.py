@@ -12,8 +12,9 @@ AdamW at a constant 2e-4; clip 1.0; --samples samples, one epoch by default), fo
 - `trl_packing`: the same with `packing=True` (trl's best-fit-decreasing packing, padding-free).
 
 Each run is a fresh subprocess (so peak RSS is its own), and the runs are interleaved round by
-round, so the machine's load falls on all of them alike. Throughput counts real (non-padding)
-tokens from the second optimizer step on (the first one warms up kernels and allocators).
+round, each round starting with the next method, so the machine's load falls on all of them
+alike. Throughput counts real (non-padding) tokens from the second optimizer step on (the
+first one warms up kernels and allocators).
 The fp32 and bf16 matmul limits are measured in the same run, before and after.
 
     .venv/bin/python bench/train_speed.py --rounds 2 --out bench/results/train_speed.json
@@ -267,7 +268,9 @@ def main() -> None:
     matmul = [measure(2)]
     runs: dict[str, list[dict[str, Any]]] = {method: [] for method in methods}
     for round_index in range(args.rounds):
-        for method in methods:
+        # Each round starts with another method, so no method always runs first (in two runs
+        # tunewright, then always first, was ~10% slower in round 1 than in round 2).
+        for method in methods[round_index % len(methods) :] + methods[: round_index % len(methods)]:
             result = run_worker(method, args.samples)
             runs[method].append(result)
             print(f"round {round_index + 1} {method}: {result['tokens_per_s']:.1f} tokens/s, "

@@ -15,6 +15,7 @@ import ctypes
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -52,13 +53,13 @@ class _ScaledMask(torch.autograd.Function):
     """x / (1 - p) with the dropped positions zeroed; the backward pass applies the same mask."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, dropped: torch.Tensor, scale: float) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor, dropped: torch.Tensor, scale: float) -> torch.Tensor:
         ctx.save_for_backward(dropped)
         ctx.scale = scale
         return (x * scale).masked_fill_(dropped, 0.0)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (dropped,) = ctx.saved_tensors
         return (grad * ctx.scale).masked_fill_(dropped, 0.0), None, None
 
@@ -73,7 +74,8 @@ class FastDropout(nn.Dropout):
         if levels >= MASK_LEVELS:
             return x * 0.0
         # Scale by the probability actually drawn, so the expectation stays x exactly.
-        return _ScaledMask.apply(x, dropped_positions(x.shape, self.p), MASK_LEVELS / (MASK_LEVELS - levels))
+        dropped = dropped_positions(x.shape, self.p)
+        return cast(torch.Tensor, _ScaledMask.apply(x, dropped, MASK_LEVELS / (MASK_LEVELS - levels)))  # type: ignore[no-untyped-call]
 
 
 @contextmanager

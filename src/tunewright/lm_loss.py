@@ -37,7 +37,7 @@ def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  # type: ignore[override]
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 targets: torch.Tensor, want_correct: bool) -> tuple[torch.Tensor, torch.Tensor]:
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_bias = bias is not None and ctx.needs_input_grad[2]
@@ -68,7 +68,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return loss_sum, correct
 
     @staticmethod
-    def backward(ctx: Any, grad_loss: torch.Tensor, _grad_correct: Any) -> tuple[Any, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_loss: torch.Tensor, _grad_correct: Any) -> tuple[Any, ...]:
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.hidden_dtype, ctx.weight_dtype
 
@@ -85,5 +85,7 @@ def linear_cross_entropy(hidden: torch.Tensor, lm_head: torch.nn.Linear, targets
 
     hidden (N, H), targets (N,). The loss is computed in fp32 whatever the weights' dtype.
     """
-    loss_sum, correct = _LinearCrossEntropy.apply(hidden, lm_head.weight, lm_head.bias, targets, want_correct)
+    head_bias = lm_head.bias
+    loss_sum, correct = _LinearCrossEntropy.apply(  # type: ignore[no-untyped-call]
+        hidden, lm_head.weight, head_bias, targets, want_correct)
     return loss_sum, correct
