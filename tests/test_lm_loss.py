@@ -44,7 +44,7 @@ def test_fused_loss_equals_the_plain_loss(monkeypatch, bias: bool, train_head: b
 def test_fused_loss_without_gradients_and_without_targets() -> None:
     head = torch.nn.Linear(8, 20, bias=False)
     hidden, targets = torch.randn(5, 8), torch.randint(0, 20, (5,))
-    with torch.no_grad():
+    with torch.no_grad():  # the head's weight requires grad, as in full fine-tuning: no gradient work
         loss, _ = linear_cross_entropy(hidden, head, targets, want_correct=False)
     assert torch.allclose(loss, F.cross_entropy(head(hidden), targets, reduction="sum"), rtol=1e-4)
     empty, correct = linear_cross_entropy(torch.randn(0, 8, requires_grad=True), head, targets[:0], True)

@@ -38,9 +38,10 @@ def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                targets: torch.Tensor, want_correct: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_bias = bias is not None and ctx.needs_input_grad[2]
+                targets: torch.Tensor, want_correct: bool, grad_enabled: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        # Under no_grad a trained head's weight still "needs" a gradient: skip it (evaluation).
+        need_hidden, need_weight = (grad_enabled and flag for flag in ctx.needs_input_grad[:2])
+        need_bias = bias is not None and grad_enabled and ctx.needs_input_grad[2]
         want_grad = need_hidden or need_weight or need_bias
         rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -76,7 +77,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             return None if grad is None else (grad * grad_loss).to(dtype)
 
         return (scaled(grad_hidden, hidden_dtype), scaled(grad_weight, weight_dtype),
-                scaled(grad_bias, weight_dtype), None, None)
+                scaled(grad_bias, weight_dtype), None, None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, lm_head: torch.nn.Linear, targets: torch.Tensor,
@@ -87,5 +88,5 @@ def linear_cross_entropy(hidden: torch.Tensor, lm_head: torch.nn.Linear, targets
     """
     head_bias = lm_head.bias
     loss_sum, correct = _LinearCrossEntropy.apply(  # type: ignore[no-untyped-call]
-        hidden, lm_head.weight, head_bias, targets, want_correct)
+        hidden, lm_head.weight, head_bias, targets, want_correct, torch.is_grad_enabled())
     return loss_sum, correct
