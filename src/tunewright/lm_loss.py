@@ -86,7 +86,6 @@ def linear_cross_entropy(hidden: torch.Tensor, lm_head: torch.nn.Linear, targets
 
     hidden (N, H), targets (N,). The loss is computed in fp32 whatever the weights' dtype.
     """
-    head_bias = lm_head.bias
     loss_sum, correct = _LinearCrossEntropy.apply(  # type: ignore[no-untyped-call]
-        hidden, lm_head.weight, head_bias, targets, want_correct, torch.is_grad_enabled())
+        hidden, lm_head.weight, lm_head.bias, targets, want_correct, torch.is_grad_enabled())
     return loss_sum, correct
