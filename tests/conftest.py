@@ -21,6 +21,17 @@ CHAT_TEMPLATE = (
 )
 
 
+@pytest.fixture(autouse=True)
+def fp32_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`trainer.precision: auto` resolves to fp32 in every test, whatever the CPU.
+
+    On CPUs with native bf16 (AVX512-BF16, AMX) `auto` means bf16 autocast, whose rounding
+    breaks the exact comparisons many tests make (packed vs unpacked, accumulation, resume).
+    tests/test_precision.py covers the bf16 path and the per-device resolution explicitly.
+    """
+    monkeypatch.setattr("tunewright.speed.cpu_has_native_bf16", lambda: False)
+
+
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """Byte-level tokenizer: one token per byte (256) + 3 specials; lossless on any text."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()
@@ -84,14 +95,17 @@ def copy_csv(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def tiny_config(tiny_model_dir: Path) -> dict:
-    """A valid config dict for the tiny model; tests copy and change it."""
+    """A valid config dict for the tiny model; tests copy and change it.
+
+    fp32 explicitly: CLI tests run `tunewright` in subprocesses, out of reach of fp32_by_default.
+    """
     return {
         "base_model": str(tiny_model_dir),
         "input_features": [{"name": "word"}],
         "output_features": [{"name": "echo", "type": "text"}],
         "prompt": {"template": "say {word}:"},
         "adapter": {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-        "trainer": {"epochs": 2, "batch_size": 4, "learning_rate": 0.01},
+        "trainer": {"epochs": 2, "batch_size": 4, "learning_rate": 0.01, "precision": "fp32"},
         "generation": {"max_new_tokens": 5, "batch_size": 8},
         "preprocessing": {"split": [0.75, 0.25, 0.0]},
     }

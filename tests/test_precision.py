@@ -39,11 +39,17 @@ def lora(seed: int = 0) -> LanguageModelObjective:
     return LanguageModelObjective(attach_adapter(model, AdapterConfig(r=4, alpha=8, dropout=0.0)))
 
 
-def test_precision_resolves_per_device() -> None:
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_precision_resolves_per_device(monkeypatch: pytest.MonkeyPatch, native_bf16: bool) -> None:
+    monkeypatch.setattr("tunewright.speed.cpu_has_native_bf16", lambda: native_bf16)
     assert mixed_precision_for("fp32", CPU) == "no"
     assert mixed_precision_for("bf16", CPU) == "bf16"
     # On CPU, auto takes bf16 only where the hardware multiplies bf16 natively.
-    assert mixed_precision_for("auto", CPU) == ("bf16" if cpu_has_native_bf16() else "no")
+    assert mixed_precision_for("auto", CPU) == ("bf16" if native_bf16 else "no")
+
+
+def test_native_bf16_probe_answers() -> None:
+    assert isinstance(cpu_has_native_bf16(), bool)
 
 
 def test_precision_is_validated_by_the_schema() -> None:

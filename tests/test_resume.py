@@ -58,6 +58,7 @@ def resume_config(tiny_config: dict, tmp_path: Path) -> Path:
             "keep_checkpoints": 2,
             "eval_every": 2,
             "seed": 7,
+            "precision": "fp32",  # the killed run is a subprocess, out of reach of conftest's fp32_by_default
         },
     }
     path = tmp_path / "config.yaml"
