@@ -101,3 +101,27 @@ def test_rows_stay_short_for_attention_that_masks_the_whole_row(tiny_model) -> N
     fit(objective, long_samples, [], cfg, Accelerator(cpu=True), pad_id=0, show_progress=False)
     hook.remove()
     assert widths and max(widths) <= MASKED_ROW_TOKENS
+
+
+def test_packed_attention_runs_in_fp32_under_cpu_bf16_autocast(tiny_model, examples) -> None:
+    """CPU autocast would run SDPA in bf16, whose backward is much slower there: spans stay fp32."""
+    from torch.nn import functional as F
+
+    dtypes = []
+    original = F.scaled_dot_product_attention
+
+    def spy(query, key, value, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        dtypes.append((query.dtype, key.dtype, value.dtype, torch.is_autocast_enabled("cpu")))
+        return original(query, key, value, *args, **kwargs)
+
+    batch = collate_packed(examples, pad_id=0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(F, "scaled_dot_product_attention", spy)
+        with packed_attention(tiny_model), torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden = hidden_states(tiny_model, batch["input_ids"], None, batch["position_ids"], batch["cu_seq_lens"])
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # padded rows: transformers' SDPA as it is
+            hidden_states(tiny_model, batch["input_ids"], None, batch["position_ids"])
+    spans = len(examples) * tiny_model.config.num_hidden_layers
+    assert dtypes[:spans] == [(torch.float32, torch.float32, torch.float32, False)] * spans
+    assert dtypes[spans:] and all(enabled for *_, enabled in dtypes[spans:])
+    assert hidden.isfinite().all()
