@@ -41,6 +41,39 @@ def test_fused_loss_equals_the_plain_loss(monkeypatch, bias: bool, train_head: b
         assert torch.allclose(ours, theirs, atol=1e-5)
 
 
+@pytest.mark.parametrize("train_head", [False, True])
+def test_fused_loss_under_bf16_autocast_casts_the_head_once(monkeypatch, train_head: bool) -> None:
+    """Same values as autocast's own casts (bf16 matmuls, fp32 loss), with one cast of the head."""
+    monkeypatch.setattr(lm_loss, "CHUNK_ELEMENTS", 50 * 8)  # 5 chunks: autocast alone would cast 10 times
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    head.weight.requires_grad_(train_head)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    casts = []
+    original_to = torch.Tensor.to
+
+    def counting_to(tensor, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if tensor is head.weight:
+            casts.append(args)
+        return original_to(tensor, *args, **kwargs)
+
+    with monkeypatch.context() as patch, torch.autocast("cpu", dtype=torch.bfloat16):
+        patch.setattr(torch.Tensor, "to", counting_to)
+        loss, _ = linear_cross_entropy(hidden, head, targets, want_correct=False)
+    loss.backward()
+    assert casts == [(torch.bfloat16,)]
+    assert loss.dtype == torch.float32 and (head.weight.grad is not None) == train_head
+    fused_grad = hidden.grad.clone()
+    hidden.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = head(hidden)
+    expected = F.cross_entropy(logits.float(), targets, reduction="sum")
+    expected.backward()
+    assert torch.allclose(loss, expected, rtol=1e-3)
+    assert torch.allclose(fused_grad, hidden.grad, atol=2e-2)
+
+
 def test_fused_loss_without_gradients_and_without_targets() -> None:
     head = torch.nn.Linear(8, 20, bias=False)
     hidden, targets = torch.randn(5, 8), torch.randint(0, 20, (5,))

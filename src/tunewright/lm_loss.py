@@ -43,11 +43,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need_hidden, need_weight = (grad_enabled and flag for flag in ctx.needs_input_grad[:2])
         need_bias = bias is not None and grad_enabled and ctx.needs_input_grad[2]
         want_grad = need_hidden or need_weight or need_bias
+        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
+        device_type = hidden.device.type
+        if torch.is_autocast_enabled(device_type):
+            # Cast the head once for all matmuls below; autocast would cast it for each of them
+            # (a 49k x 576 head: 11 ms per cast on 2 CPU cores). Same values either way.
+            weight = weight.to(torch.get_autocast_dtype(device_type))
         rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         correct = torch.zeros((), dtype=torch.long, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_weight = weight.new_zeros(weight.shape, dtype=torch.float32) if need_weight else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias and bias is not None else None
         for start in range(0, hidden.shape[0], rows):
             chunk = hidden[start : start + rows]
@@ -64,7 +70,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(dim=0)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
         ctx.mark_non_differentiable(correct)
         return loss_sum, correct
 
