@@ -1,6 +1,6 @@
 """Training speed: tunewright against transformers Trainer + peft and trl SFTTrainer, in one run.
 
-Same model (smollm2-135m, fp32, CPU), same data (the first 100 Stanford Alpaca rows, the
+Same model (smollm2-135m, fp32 weights, CPU), same data (the first 100 Stanford Alpaca rows, the
 instruction + input as a chat user turn -> the output + EOS, tokenized once by tunewright and
 cut to 256 tokens), same settings (LoRA r=8, alpha 16, dropout 0.05 on q_proj/v_proj; batch 4;
 AdamW at a constant 2e-4; clip 1.0; --samples samples, one epoch by default), four ways:
@@ -16,8 +16,11 @@ round, each round starting with the next method, so the machine's load falls on 
 alike. Throughput counts real (non-padding) tokens from the second optimizer step on (the
 first one warms up kernels and allocators).
 The fp32 and bf16 matmul limits are measured in the same run, before and after.
+`--precision` sets the math of all four alike: `fp32`, or `bf16` autocast (tunewright's
+`trainer.precision: bf16`, `bf16=True` for Trainer and trl); fractions of the matmul limit
+are taken against the limit of that precision.
 
-    .venv/bin/python bench/train_speed.py --rounds 2 --out bench/results/train_speed.json
+    .venv/bin/python bench/train_speed.py --rounds 2 --precision fp32 --out bench/results/train_speed.json
 """
 
 from __future__ import annotations
@@ -109,7 +112,7 @@ class StepClock:
 # --- the four workers ----------------------------------------------------------------------------
 
 
-def run_tunewright(clock: StepClock, steps: int) -> None:
+def run_tunewright(clock: StepClock, steps: int, bf16: bool) -> None:
     from accelerate import Accelerator
     from peft import get_peft_model
 
@@ -122,7 +125,7 @@ def run_tunewright(clock: StepClock, steps: int) -> None:
     model = get_peft_model(model, lora_config())
     cfg = TrainerConfig(epochs=1, max_steps=steps, batch_size=BATCH_SIZE, learning_rate=LEARNING_RATE,
                         lr_scheduler="constant",
-                        max_grad_norm=1.0, seed=SEED, packing=True)
+                        max_grad_norm=1.0, seed=SEED, packing=True, precision="bf16" if bf16 else "fp32")
     windows = optimizer_windows(len(examples), cfg, 1)
     plan = [next(windows)[1] for _ in range(-(-len(examples) // BATCH_SIZE))]
 
@@ -167,15 +170,16 @@ def counting(collator: Any, counted: list[int]) -> Any:
     return collate
 
 
-def common_args(steps: int) -> dict[str, Any]:
+def common_args(steps: int, bf16: bool) -> dict[str, Any]:
     return {"max_steps": steps, "per_device_train_batch_size": BATCH_SIZE, "num_train_epochs": 1,
             "learning_rate": LEARNING_RATE,
             "lr_scheduler_type": "constant", "warmup_steps": 0, "max_grad_norm": 1.0, "weight_decay": 0.0,
             "logging_steps": 1, "save_strategy": "no", "report_to": "none", "use_cpu": True, "seed": SEED,
-            "dataloader_num_workers": 0, "disable_tqdm": True, "train_sampling_strategy": "sequential"}
+            "dataloader_num_workers": 0, "disable_tqdm": True, "train_sampling_strategy": "sequential",
+            "bf16": bf16}
 
 
-def run_trainer_peft(clock: StepClock, steps: int) -> None:
+def run_trainer_peft(clock: StepClock, steps: int, bf16: bool) -> None:
     from datasets import Dataset
     from peft import get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
@@ -187,13 +191,13 @@ def run_trainer_peft(clock: StepClock, steps: int) -> None:
                                   "labels": e.labels} for e in in_tunewright_order(examples)])
     counted: list[int] = []
     collator = counting(DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100), counted)
-    args = TrainingArguments(output_dir="/tmp/tunewright-bench-trainer", **common_args(steps))
+    args = TrainingArguments(output_dir="/tmp/tunewright-bench-trainer", **common_args(steps, bf16))
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                       callbacks=[hf_callback(clock, counted)])
     trainer.train()
 
 
-def run_trl(clock: StepClock, packing: bool, steps: int) -> None:
+def run_trl(clock: StepClock, packing: bool, steps: int, bf16: bool) -> None:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -204,27 +208,26 @@ def run_trl(clock: StepClock, packing: bool, steps: int) -> None:
                                   "completion_mask": [int(label != -100) for label in e.labels]}
                                  for e in in_tunewright_order(examples)])
     counted: list[int] = []
-    # trl's own defaults are bf16 autocast and gradient checkpointing; both are switched off so that
-    # all four methods do the same fp32 math without recomputation (bf16 matmuls are ~5x slower on
-    # this CPU, and checkpointing recomputes every layer's forward).
+    # trl's own defaults are bf16 autocast and gradient checkpointing: the precision follows
+    # --precision like everyone else's, and checkpointing is off (it recomputes every layer's forward).
     args = SFTConfig(output_dir="/tmp/tunewright-bench-trl", max_length=MAX_LENGTH, packing=packing,
-                     completion_only_loss=True, bf16=False, gradient_checkpointing=False, **common_args(steps))
+                     completion_only_loss=True, gradient_checkpointing=False, **common_args(steps, bf16))
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=lora_config(), callbacks=[hf_callback(clock, counted)])
     trainer.data_collator = counting(trainer.data_collator, counted)
     trainer.train()
 
 
-def worker(method: str, samples: int) -> dict[str, Any]:
+def worker(method: str, samples: int, bf16: bool) -> dict[str, Any]:
     torch.set_num_threads(2)
     clock = StepClock()
     steps = max_steps(method, samples)
     if method == "tunewright":
-        run_tunewright(clock, steps)
+        run_tunewright(clock, steps, bf16)
     elif method == "trainer_peft":
-        run_trainer_peft(clock, steps)
+        run_trainer_peft(clock, steps, bf16)
     else:
-        run_trl(clock, packing=method == "trl_packing", steps=steps)
+        run_trl(clock, packing=method == "trl_packing", steps=steps, bf16=bf16)
     # ru_maxrss is in KiB on Linux: the whole process, model and data included.
     return {"method": method, **clock.summary(),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -244,8 +247,8 @@ def flops_per_token(target_fraction: float) -> dict[str, float]:
             "total_params": total_params}
 
 
-def run_worker(method: str, samples: int) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--worker", method, "--samples", str(samples)]
+def run_worker(method: str, samples: int, precision: str) -> dict[str, Any]:
+    command = [sys.executable, __file__, "--worker", method, "--samples", str(samples), "--precision", precision]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{method} failed:\n{done.stderr[-4000:]}")
@@ -257,11 +260,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--samples", type=int, default=ROWS, help="samples to train on (about; per method)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="the math of all methods: fp32, or bf16 autocast")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.samples)))
+        print(json.dumps(worker(args.worker, args.samples, args.precision == "bf16")))
         return
 
     methods = args.methods.split(",")
@@ -271,16 +276,16 @@ def main() -> None:
         # Each round starts with another method, so no method always runs first (in two runs
         # tunewright, then always first, was ~10% slower in round 1 than in round 2).
         for method in methods[round_index % len(methods) :] + methods[: round_index % len(methods)]:
-            result = run_worker(method, args.samples)
+            result = run_worker(method, args.samples, args.precision)
             runs[method].append(result)
             print(f"round {round_index + 1} {method}: {result['tokens_per_s']:.1f} tokens/s, "
                   f"loss {result['final_loss']:.3f}, peak RSS {result['peak_rss_mib']:.0f} MiB", flush=True)
     matmul.append(measure(2))
 
-    fp32_limit = max(m["fp32_gflops"] for m in matmul)
+    limit = max(m[f"{args.precision}_gflops"] for m in matmul)
     report: dict[str, Any] = {"rows": ROWS, "samples": args.samples, "max_length": MAX_LENGTH,
-                              "batch_size": BATCH_SIZE,
-                              "matmul": matmul, "fp32_limit_gflops": fp32_limit, "methods": {}}
+                              "batch_size": BATCH_SIZE, "precision": args.precision,
+                              "matmul": matmul, "matmul_limit_gflops": limit, "methods": {}}
     target_fraction = target_token_fraction()
     flops = flops_per_token(target_fraction)
     report["flops_per_token"] = flops
@@ -293,14 +298,14 @@ def main() -> None:
             "final_loss": statistics.mean(r["final_loss"] for r in results),
             "mean_loss": statistics.mean(r["mean_loss"] for r in results),
             "steps": results[0]["steps"], "total_tokens": results[0]["total_tokens"],
-            "fraction_of_fp32_matmul_limit": speed * flops["useful"] / 1e9 / fp32_limit,
-            "mfu_6n": speed * flops["six_n"] / 1e9 / fp32_limit, "runs": results,
+            "fraction_of_matmul_limit": speed * flops["useful"] / 1e9 / limit,
+            "mfu_6n": speed * flops["six_n"] / 1e9 / limit, "runs": results,
         }
     if "tunewright" in runs:
         ours = report["methods"]["tunewright"]["tokens_per_s_median"]
         report["ratios"] = {f"tunewright_vs_{method}": ours / report["methods"][method]["tokens_per_s_median"]
                             for method in runs if method != "tunewright"}
-    report["ceiling_tokens_per_s"] = fp32_limit * 1e9 / flops["useful"]
+    report["ceiling_tokens_per_s"] = limit * 1e9 / flops["useful"]
     print(json.dumps({k: v for k, v in report.items() if k != "methods"}, indent=1))
     for method, entry in report["methods"].items():
         print(method, {k: v for k, v in entry.items() if k != "runs"})
