@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from test_packing import GRAD_RTOL, gradients, lora_objective, make_example, random_examples
 
@@ -105,8 +106,6 @@ def test_rows_stay_short_for_attention_that_masks_the_whole_row(tiny_model) -> N
 
 def test_packed_attention_runs_in_fp32_under_cpu_bf16_autocast(tiny_model, examples) -> None:
     """CPU autocast would run SDPA in bf16, whose backward is much slower there: spans stay fp32."""
-    from torch.nn import functional as F
-
     dtypes = []
     original = F.scaled_dot_product_attention
 
