@@ -157,8 +157,10 @@ def test_parameter_report_counts_what_trains(trained) -> None:
     assert trainable and all(re.search(TRAINABLE_NAMES[name], n) for n in trainable), trainable
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_training_changes_only_the_trainable_parameters(name: str) -> None:
+def test_training_changes_only_the_trainable_parameters(name: str, precision: str) -> None:
+    """In bf16 the frozen weights are held in bf16 during training and must come back bit for bit."""
     tokenizer = build_tokenizer()
     model = attach_adapter(build_model(len(tokenizer)), AdapterConfig(**CASES[name]), total_steps=4)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -167,7 +169,7 @@ def test_training_changes_only_the_trainable_parameters(name: str) -> None:
     rows = copy_rows(8)
     prompts = tokenizer([f"say {word}:" for word in rows["word"]])["input_ids"]
     examples = build_examples(prompts, rows["echo"].tolist(), tokenizer)
-    cfg = TrainerConfig(max_steps=4, batch_size=4, learning_rate=0.02)
+    cfg = TrainerConfig(max_steps=4, batch_size=4, learning_rate=0.02, precision=precision)
     fit(
         LanguageModelObjective(model),
         examples,
@@ -183,6 +185,7 @@ def test_training_changes_only_the_trainable_parameters(name: str) -> None:
     trained_changed = [n for n in trainable if not torch.equal(before[n], after[n])]
     assert frozen_changed == []
     assert set(trained_changed) == trainable  # and every trainable tensor did move
+    assert {p.dtype for p in after.values()} == {torch.float32}
 
 
 def test_adalora_reallocates_ranks_and_adds_its_orthogonality_penalty() -> None:

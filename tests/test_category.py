@@ -37,10 +37,13 @@ def category_config(tiny_config: dict, decoder: str, **trainer: object) -> dict:
     return config
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("decoder", ["classifier", "label_scoring"])
-def test_train_save_load_gives_identical_predictions(tiny_config, tmp_path, decoder):
+def test_train_save_load_gives_identical_predictions(tiny_config, tmp_path, decoder, precision):
+    # bf16 training holds the frozen weights in bf16; the model it returns must be the fp32 one again.
     result = tunewright.train(
-        category_config(tiny_config, decoder), label_rows(), tmp_path / "run", show_progress=False
+        category_config(tiny_config, decoder, precision=precision), label_rows(), tmp_path / "run",
+        show_progress=False,
     )
     run_dir = result.run_dir
     assert json.loads((run_dir / "labels.json").read_text()) == ["cold", "warm"]

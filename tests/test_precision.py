@@ -84,6 +84,33 @@ def test_bf16_trains_to_the_same_loss_as_fp32() -> None:
     assert histories["fp32"][-1] < histories["fp32"][0]  # it did learn
 
 
+def test_bf16_training_holds_frozen_weights_in_bf16_and_gives_them_back() -> None:
+    objective = lora()
+    frozen = {n: p.detach().clone() for n, p in objective.named_parameters() if not p.requires_grad}
+    seen: list[set[tuple[bool, torch.dtype]]] = []
+
+    def on_log(record: dict) -> None:
+        seen.append({(p.requires_grad, p.dtype) for p in objective.parameters()})
+
+    cfg = TrainerConfig(max_steps=2, batch_size=4, learning_rate=0.01, precision="bf16")
+    fit(objective, copy_examples(8), copy_examples(4), cfg, Accelerator(cpu=True), pad_id=0,
+        on_log=on_log, show_progress=False)
+    # During training: frozen weights bf16, trainable ones (and so AdamW's state) fp32.
+    assert seen == [{(False, torch.bfloat16), (True, torch.float32)}] * 2
+    after = dict(objective.named_parameters())
+    for name, before in frozen.items():
+        assert after[name].dtype == torch.float32 and torch.equal(after[name], before), name
+
+
+def test_fp32_training_leaves_the_frozen_weights_alone() -> None:
+    objective = lora()
+    seen: list[set[torch.dtype]] = []
+    cfg = TrainerConfig(max_steps=1, batch_size=4, precision="fp32")
+    fit(objective, copy_examples(4), [], cfg, Accelerator(cpu=True), pad_id=0,
+        on_log=lambda record: seen.append({p.dtype for p in objective.parameters()}), show_progress=False)
+    assert seen == [{torch.float32}]
+
+
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients() -> None:
     batch = collate_training(copy_examples(4), pad_id=0)
     results = []

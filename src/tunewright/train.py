@@ -39,7 +39,7 @@ from tunewright.faults import (
 from tunewright.objective import LossOutput
 from tunewright.packing import collate_micro_batch, group_by_length, supports_packing
 from tunewright.progress import NullProgress, TrainingProgress
-from tunewright.speed import autocast_for
+from tunewright.speed import autocast_for, frozen_weights_in_bf16
 
 log = logging.getLogger(__name__)
 
@@ -306,6 +306,7 @@ def fit(
     attention = packed_attention(packed_model) if packed_model is not None else nullcontext()
     row_capacity = packed_row_capacity(packed_model) if packed_model is not None else None
     autocast = autocast_for(cfg.precision, accelerator.device)
+    frozen_weights = frozen_weights_in_bf16(objective, cfg.precision, accelerator.device)
     if accelerator.device.type == "cpu":
         reuse_freed_memory()
     dropout = fast_dropout(objective)
@@ -347,7 +348,7 @@ def fit(
             last_checkpoint = save_training_checkpoint(checkpoint_dir, state, ctx, scheduler, best_weights)
         return last_checkpoint
 
-    with progress, stop, attention, dropout:
+    with progress, stop, attention, dropout, frozen_weights:
         progress.update(None, advance=state.step)
         for step, (epoch, window) in enumerate(optimizer_windows(len(train_examples), cfg, world_size, lengths)):
             if step < state.step:
@@ -389,7 +390,8 @@ def fit(
             if state.micro_batch_size != cfg.batch_size:
                 record["micro_batch_size"] = state.micro_batch_size
             if val_examples and (state.step % eval_every == 0 or state.step == total_steps):
-                metrics = evaluate_loss(objective, val_examples, eval_batch_size, pad_id, accelerator)
+                with autocast:  # the training precision: frozen weights may be bf16 here
+                    metrics = evaluate_loss(objective, val_examples, eval_batch_size, pad_id, accelerator)
                 record["val_loss"] = metrics["loss"]
                 best_weights = track_validation(state, metrics["loss"], objective, accelerator, best_weights)
             progress.update(None if skipped else record)
