@@ -7,6 +7,7 @@ Measures, on smollm2-135m (fp32) with the same 16 Alpaca prompts as bench/genera
 - the machine's memory read bandwidth (summing a 1 GiB fp32 tensor) and fp32 matmul limit.
 
 Together they give the floor of a 32-token batched run and show how far the kernels are from it.
+`--dtype bfloat16` profiles the model with bf16 weights against the bf16 matmul limit.
 
     .venv/bin/python bench/decode_profile.py --out bench/results/decode_profile.json
 """
@@ -75,10 +76,12 @@ def prefill_seconds(model, batch: dict[str, torch.Tensor], repeats: int = 3) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    loaded = load_base_model("smollm2-135m", BackendConfig(device="cpu", dtype="float32"))
+    loaded = load_base_model("smollm2-135m", BackendConfig(device="cpu", dtype=args.dtype))
+    math = "fp32" if args.dtype == "float32" else "bf16"
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
     prompt_ids = encode_prompts(alpaca_prompts(16), tokenizer, use_chat_template=True)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -95,12 +98,12 @@ def main() -> None:
     matmul = measure(2)
 
     floor_step = max(weight_bytes / (bandwidth * 1e9),
-                     2 * (layer_params + lm_head_params) * 16 / (matmul["fp32_gflops"] * 1e9))
+                     2 * (layer_params + lm_head_params) * 16 / (matmul[f"{math}_gflops"] * 1e9))
     report = {
-        "weight_mib": weight_bytes / 2**20, "read_bandwidth_gb_s": bandwidth, "matmul": matmul,
+        "dtype": args.dtype, "weight_mib": weight_bytes / 2**20, "read_bandwidth_gb_s": bandwidth, "matmul": matmul,
         "prefill": {"padded_tokens": padded_tokens, "real_tokens": sum(map(len, prompt_ids)), "seconds": prefill,
                     "gflop_s": prefill_flops / prefill / 1e9,
-                    "fraction_of_fp32_matmul_limit": prefill_flops / prefill / 1e9 / matmul["fp32_gflops"]},
+                    f"fraction_of_{math}_matmul_limit": prefill_flops / prefill / 1e9 / matmul[f"{math}_gflops"]},
         "decode_step_ms": {size: seconds * 1e3 for size, seconds in steps.items()},
         "decode_weight_read_gb_s": {size: weight_bytes / seconds / 1e9 for size, seconds in steps.items()},
         "decode_step_floor_ms_batch16": floor_step * 1e3,

@@ -1,11 +1,15 @@
 """Generation speed: tunewright's greedy loop against transformers' `generate`, in one run.
 
 16 Stanford Alpaca prompts (instruction + input, as a chat user turn) x 32 new greedy tokens on
-smollm2-135m (fp32), three ways, interleaved round by round so they share the machine's load:
+smollm2-135m (fp32 by default), three ways, interleaved round by round so they share the machine's load:
 transformers `generate` one prompt at a time (the reference design), `generate` on one
 left-padded batch, and `tunewright.generate.generate_ids`. Reports new tokens/s (the same
 numerator for all: tokens up to and including each row's EOS), ratios, the fraction of the
-measured fp32 matmul limit, and whether the greedy tokens are identical.
+measured matmul limit, and whether the greedy tokens are identical.
+
+`--dtype bfloat16` loads the model in bf16 for all three (fractions then use the bf16 matmul
+limit) and also times batched `generate` on the fp32 model, to show what bf16 weights buy and
+how many rows' greedy tokens they change.
 
     .venv/bin/python bench/generate_speed.py --out bench/results/generate_speed.json
 """
@@ -13,6 +17,7 @@ measured fp32 matmul limit, and whether the greedy tokens are identical.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -59,12 +64,15 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the batched runs and ours")
     parser.add_argument("--single-rounds", type=int, default=1, help="rounds of the one-at-a-time loop")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="weights dtype of the model all three methods run")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
     torch.set_num_threads(2)
     loaded = load_base_model("smollm2-135m", BackendConfig(device="cpu", dtype="float32"))
-    model, tokenizer = loaded.model.eval(), loaded.tokenizer
+    fp32_model, tokenizer = loaded.model.eval(), loaded.tokenizer
+    model = fp32_model if args.dtype == "float32" else copy.deepcopy(fp32_model).to(torch.bfloat16)
     prompt_ids = encode_prompts(alpaca_prompts(args.prompts), tokenizer, use_chat_template=True)
     stop_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
     settings = GenerationSettings(max_new_tokens=args.new_tokens, batch_size=args.prompts)
@@ -75,7 +83,12 @@ def main() -> None:
         "transformers_batched": lambda: hf_generate(model, tokenizer, prompt_ids, args.new_tokens),
         "tunewright": lambda: generate_ids(model, tokenizer, prompt_ids, settings),
     }
+    if args.dtype != "float32":
+        methods["transformers_batched_fp32"] = lambda: hf_generate(fp32_model, tokenizer, prompt_ids,
+                                                                   args.new_tokens)
     generate_ids(model, tokenizer, prompt_ids[:2], settings)  # warm-up (allocator, oneDNN kernels)
+    if model is not fp32_model:
+        generate_ids(fp32_model, tokenizer, prompt_ids[:2], settings)
     times: dict[str, list[float]] = {name: [] for name in methods}
     outputs: dict[str, list[list[int]]] = {}
     matmul_before = measure(2)
@@ -93,9 +106,10 @@ def main() -> None:
     tokens = useful_tokens(outputs["transformers_batched"], stop_ids)
     prompt_tokens = sum(map(len, prompt_ids))
     params = sum(p.numel() for p in model.parameters())
-    fp32_limit = max(matmul_before["fp32_gflops"], matmul_after["fp32_gflops"])
+    math = "fp32" if args.dtype == "float32" else "bf16"
+    limit = max(matmul_before[f"{math}_gflops"], matmul_after[f"{math}_gflops"])
     result: dict[str, object] = {
-        "prompts": args.prompts, "new_tokens_max": args.new_tokens, "new_tokens_useful": tokens,
+        "dtype": args.dtype, "prompts": args.prompts, "new_tokens_max": args.new_tokens, "new_tokens_useful": tokens,
         "prompt_tokens": prompt_tokens, "matmul_before": matmul_before, "matmul_after": matmul_after,
         "identical_tunewright_vs_batched": trimmed["tunewright"] == trimmed["transformers_batched"],
         "identical_tunewright_vs_one_at_a_time":
@@ -110,9 +124,13 @@ def main() -> None:
         flops = 2 * params * (prompt_tokens + tokens)
         speed[name] = median
         result[name] = {"seconds": seconds, "median_s": median, "new_tokens_per_s": tokens / median,
-                        "fraction_of_fp32_matmul_limit": flops / median / 1e9 / fp32_limit}
+                        f"fraction_of_{math}_matmul_limit": flops / median / 1e9 / limit}
     result["ratio_vs_batched"] = speed["transformers_batched"] / speed["tunewright"]
     result["ratio_vs_one_at_a_time"] = speed["transformers_one_at_a_time"] / speed["tunewright"]
+    if "transformers_batched_fp32" in speed:
+        result["ratio_vs_batched_fp32"] = speed["transformers_batched_fp32"] / speed["tunewright"]
+        result["rows_identical_vs_batched_fp32"] = sum(
+            a == b for a, b in zip(trimmed["tunewright"], trimmed["transformers_batched_fp32"], strict=True))
     print(json.dumps(result, indent=1))
     save_json(result, args.out)
 

@@ -87,16 +87,21 @@ def test_bf16_trains_to_the_same_loss_as_fp32() -> None:
 def test_bf16_training_holds_frozen_weights_in_bf16_and_gives_them_back() -> None:
     objective = lora()
     frozen = {n: p.detach().clone() for n, p in objective.named_parameters() if not p.requires_grad}
+    adapters = [m for m in objective.modules() if hasattr(m, "cast_input_dtype_enabled")]
     seen: list[set[tuple[bool, torch.dtype]]] = []
+    upcasts: list[set[bool]] = []
 
     def on_log(record: dict) -> None:
         seen.append({(p.requires_grad, p.dtype) for p in objective.parameters()})
+        upcasts.append({m.cast_input_dtype_enabled for m in adapters})
 
     cfg = TrainerConfig(max_steps=2, batch_size=4, learning_rate=0.01, precision="bf16")
     fit(objective, copy_examples(8), copy_examples(4), cfg, Accelerator(cpu=True), pad_id=0,
         on_log=on_log, show_progress=False)
     # During training: frozen weights bf16, trainable ones (and so AdamW's state) fp32.
     assert seen == [{(False, torch.bfloat16), (True, torch.float32)}] * 2
+    # peft's upcast of adapter inputs (undone by autocast at once) is off during training only.
+    assert adapters and upcasts == [{False}] * 2 and {m.cast_input_dtype_enabled for m in adapters} == {True}
     after = dict(objective.named_parameters())
     for name, before in frozen.items():
         assert after[name].dtype == torch.float32 and torch.equal(after[name], before), name

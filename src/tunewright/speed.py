@@ -57,23 +57,29 @@ def frozen_weights_in_bf16(module: nn.Module, precision: str, device: torch.devi
 
     Autocast casts a frozen weight again at every matmul (its cast cache keeps only weights that
     require gradients), and fp32 embeddings and norm weights keep the residual stream and its
-    elementwise work in fp32. With the frozen weights in bf16 the whole stream is bf16: +17%
-    tokens/s in a SmolLM2 LoRA step on a native-bf16 CPU (BENCHMARKS.md). Trainable parameters,
-    and so the optimizer, stay fp32. The fp32 originals are put back untouched on exit, so
-    evaluation, saving and export after training see exactly the loaded weights.
+    elementwise work in fp32. With the frozen weights in bf16 the whole stream is bf16. Trainable
+    parameters, and so the optimizer, stay fp32. peft's adapters would upcast their bf16 input to
+    their fp32 weights only for autocast to cast it straight back, so that cast is off meanwhile.
+    The fp32 originals are put back untouched on exit, so evaluation, saving and export after
+    training see exactly the loaded weights. Measured in BENCHMARKS.md ("Speed", Zen 5).
     """
     if mixed_precision_for(precision, device) != "bf16":
         yield
         return
     originals = [(parameter, parameter.data) for parameter in module.parameters()
                  if not parameter.requires_grad and parameter.dtype == torch.float32]
+    adapters = [layer for layer in module.modules() if getattr(layer, "cast_input_dtype_enabled", False)]
     try:
         for parameter, data in originals:
             parameter.data = data.to(torch.bfloat16)
+        for layer in adapters:
+            layer.cast_input_dtype_enabled = False
         yield
     finally:
         for parameter, data in originals:
             parameter.data = data
+        for layer in adapters:
+            layer.cast_input_dtype_enabled = True
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
