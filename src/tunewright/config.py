@@ -234,7 +234,8 @@ class TrainerConfig(Section):
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Training math: `auto` is bf16 autocast on CUDA with bf16 and on CPUs with native "
-        "bf16 matmuls (AVX512-BF16/AMX), else fp32 (emulated bf16 is slower than fp32)."
+        "bf16 matmuls (AVX512-BF16/AMX), else fp32 (emulated bf16 is slower than fp32). In bf16, frozen weights "
+        "are held in bf16 while training (trainable ones stay fp32) and restored to fp32 after."
     )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: less memory, about 30% more compute."
