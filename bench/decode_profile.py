@@ -4,6 +4,8 @@ Measures, on smollm2-135m (fp32) with the same 16 Alpaca prompts as bench/genera
 - the prefill of the 16 left-padded prompts (seconds, and GFLOP/s against the fp32 matmul limit);
 - one decode step (one new token per row against the KV cache) at batch sizes 1 to 16: the
   median of 8 steps, and the weight-read rate it implies (every step reads all the weights);
+- where a decode step's time goes at batch 1 and 16 (profiler self time: matmuls, KV-cache cat,
+  attention);
 - the machine's memory read bandwidth (summing a 1 GiB fp32 tensor) and fp32 matmul limit.
 
 Together they give the floor of a 32-token batched run and show how far the kernels are from it.
@@ -64,6 +66,38 @@ def decode_step_seconds(model, batch: dict[str, torch.Tensor], steps: int = 8) -
 
 
 @torch.inference_mode()
+def decode_step_breakdown_ms(model, batch: dict[str, torch.Tensor], steps: int = 8) -> dict[str, float]:
+    """Self time per decode step of the operators that take it (torch.profiler), after 3 warm-up steps.
+
+    The profiler's own cost inflates the total a little; the matmul figure is the one to read.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    mask = batch["attention_mask"]
+    positions = prompt_positions(mask)
+    output = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True,
+                   logits_to_keep=1)
+    cache, next_positions = output.cache, positions[:, -1:] + 1
+    for index in range(3 + steps):
+        if index == 3:
+            profiler = profile(activities=[ProfilerActivity.CPU])
+            profiler.__enter__()
+        tokens = output.logits[:, -1].argmax(dim=-1)
+        mask = torch.cat([mask, mask.new_ones(len(tokens), 1)], dim=1)
+        output = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_positions, cache=cache,
+                       use_cache=True)
+        next_positions = next_positions + 1
+    profiler.__exit__(None, None, None)
+    events = profiler.key_averages()
+    groups = {"matmul": ("aten::mm", "aten::addmm", "aten::bmm"), "kv_cache_cat": ("aten::cat",),
+              "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu",)}
+    breakdown = {name: sum(e.self_cpu_time_total for e in events if e.key in keys) / steps / 1e3
+                 for name, keys in groups.items()}
+    breakdown["total_profiled"] = sum(e.self_cpu_time_total for e in events) / steps / 1e3
+    return breakdown
+
+
+@torch.inference_mode()
 def prefill_seconds(model, batch: dict[str, torch.Tensor], repeats: int = 3) -> float:
     positions = prompt_positions(batch["attention_mask"])
     times = []
@@ -94,6 +128,8 @@ def main() -> None:
     prefill_flops = 2 * layer_params * padded_tokens + 2 * lm_head_params * len(prompt_ids)
     steps = {size: decode_step_seconds(model, collate_prompts(prompt_ids[:size], tokenizer.pad_token_id))
              for size in BATCH_SIZES}
+    breakdown = {size: decode_step_breakdown_ms(model, collate_prompts(prompt_ids[:size], tokenizer.pad_token_id))
+                 for size in (1, 16)}
     bandwidth = read_bandwidth_gb_s()
     matmul = measure(2)
 
@@ -106,6 +142,8 @@ def main() -> None:
                     f"fraction_of_{math}_matmul_limit": prefill_flops / prefill / 1e9 / matmul[f"{math}_gflops"]},
         "decode_step_ms": {size: seconds * 1e3 for size, seconds in steps.items()},
         "decode_weight_read_gb_s": {size: weight_bytes / seconds / 1e9 for size, seconds in steps.items()},
+        "decode_step_profile_ms": breakdown,
+        "decode_matmul_gflop_s_batch16": 2 * (layer_params + lm_head_params) * 16 / breakdown[16]["matmul"] / 1e6,
         "decode_step_floor_ms_batch16": floor_step * 1e3,
         "run_floor_s_32_tokens": prefill + 31 * floor_step,
         "run_measured_kernels_s_32_tokens": prefill + 31 * steps[16],
