@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -68,7 +68,8 @@ def frozen_weights_in_bf16(module: nn.Module, precision: str, device: torch.devi
         return
     originals = [(parameter, parameter.data) for parameter in module.parameters()
                  if not parameter.requires_grad and parameter.dtype == torch.float32]
-    adapters = [layer for layer in module.modules() if getattr(layer, "cast_input_dtype_enabled", False)]
+    # peft tuner layers (any kind) that carry the switch; Any because nn.Module does not declare it.
+    adapters: list[Any] = [layer for layer in module.modules() if getattr(layer, "cast_input_dtype_enabled", False)]
     try:
         for parameter, data in originals:
             parameter.data = data.to(torch.bfloat16)
