@@ -21,6 +21,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -47,22 +48,27 @@ def read_bandwidth_gb_s(gib: int = 1, repeats: int = 5) -> float:
     return repeats * data.numel() * 4 / 1e9 / (time.perf_counter() - started)
 
 
-@torch.inference_mode()
-def decode_step_seconds(model, batch: dict[str, torch.Tensor], steps: int = 8) -> float:
+def decode_steps(model, batch: dict[str, torch.Tensor]) -> Iterator[float]:
+    """Prefill `batch`, then one greedy decode step per `next()`: yields the seconds of its forward."""
     mask = batch["attention_mask"]
     positions = prompt_positions(mask)
     output = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True,
                    logits_to_keep=1)
-    cache, next_positions, times = output.cache, positions[:, -1:] + 1, []
-    for _ in range(steps):
+    cache, next_positions = output.cache, positions[:, -1:] + 1
+    while True:
         tokens = output.logits[:, -1].argmax(dim=-1)
         mask = torch.cat([mask, mask.new_ones(len(tokens), 1)], dim=1)
         started = time.perf_counter()
         output = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_positions, cache=cache,
                        use_cache=True)
-        times.append(time.perf_counter() - started)
+        yield time.perf_counter() - started
         next_positions = next_positions + 1
-    return statistics.median(times)
+
+
+@torch.inference_mode()
+def decode_step_seconds(model, batch: dict[str, torch.Tensor], steps: int = 8) -> float:
+    stepper = decode_steps(model, batch)
+    return statistics.median(next(stepper) for _ in range(steps))
 
 
 @torch.inference_mode()
@@ -73,21 +79,12 @@ def decode_step_breakdown_ms(model, batch: dict[str, torch.Tensor], steps: int =
     """
     from torch.profiler import ProfilerActivity, profile
 
-    mask = batch["attention_mask"]
-    positions = prompt_positions(mask)
-    output = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True,
-                   logits_to_keep=1)
-    cache, next_positions = output.cache, positions[:, -1:] + 1
-    for index in range(3 + steps):
-        if index == 3:
-            profiler = profile(activities=[ProfilerActivity.CPU])
-            profiler.__enter__()
-        tokens = output.logits[:, -1].argmax(dim=-1)
-        mask = torch.cat([mask, mask.new_ones(len(tokens), 1)], dim=1)
-        output = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_positions, cache=cache,
-                       use_cache=True)
-        next_positions = next_positions + 1
-    profiler.__exit__(None, None, None)
+    stepper = decode_steps(model, batch)
+    for _ in range(3):
+        next(stepper)
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        for _ in range(steps):
+            next(stepper)
     events = profiler.key_averages()
     groups = {"matmul": ("aten::mm", "aten::addmm", "aten::bmm"), "kv_cache_cat": ("aten::cat",),
               "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu",)}
