@@ -12,7 +12,13 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from test_packing import GRAD_RTOL, gradients, lora_objective, make_example, random_examples
 
-from tunewright.attention import MASKED_ROW_TOKENS, VARLEN_SDPA, packed_attention, packed_row_capacity
+from tunewright.attention import (
+    MASKED_ROW_TOKENS,
+    VARLEN_SDPA,
+    _BF16SpanAttention,
+    packed_attention,
+    packed_row_capacity,
+)
 from tunewright.config import TrainerConfig
 from tunewright.data import Example, collate_training
 from tunewright.objective import hidden_states
@@ -104,23 +110,98 @@ def test_rows_stay_short_for_attention_that_masks_the_whole_row(tiny_model) -> N
     assert widths and max(widths) <= MASKED_ROW_TOKENS
 
 
-def test_packed_attention_runs_in_fp32_under_cpu_bf16_autocast(tiny_model, examples) -> None:
-    """CPU autocast would run SDPA in bf16, whose backward is much slower there: spans stay fp32."""
-    dtypes = []
+def _causal_spans_reference(query, key, value, lengths, scale=None):
+    """Per-span causal SDPA in fp64 with repeated key/value heads: (1, H, W, D) inputs -> (1, W, H, D)."""
+    group = query.shape[1] // key.shape[1]
+    pieces = []
+    for q, k, v in zip(*(torch.split(t.double(), lengths, dim=2) for t in (query, key, value)), strict=True):
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        pieces.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale).transpose(1, 2))
+    return torch.cat(pieces, dim=1)
+
+
+def _output_and_gradients(attend, inputs, grad_out):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = attend(*leaves)
+    out.backward(grad_out.to(out.dtype))
+    return [out.double()] + [leaf.grad.double() for leaf in leaves]
+
+
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_bf16_span_attention_is_as_accurate_as_torch_bf16_attention(scale) -> None:
+    """Same maths as causal SDPA per span (grouped heads, any lengths), with bf16 rounding only.
+
+    Tolerance: relative errors (norm of the difference over the norm of the fp64 result) of the
+    output and of the query/key/value gradients stay below 1.5x those of PyTorch's own bf16 SDPA
+    on the same bf16 inputs (both are about 4e-3 here), and below 1e-2.
+    """
+    torch.manual_seed(0)
+    heads, kv_heads, dim, lengths = 6, 2, 16, [5, 17, 1, 30, 9]
+    width = sum(lengths)
+    inputs = [(torch.randn(1, h, width, dim) * 1.5).to(torch.bfloat16) for h in (heads, kv_heads, kv_heads)]
+    grad_out = torch.randn(1, width, heads, dim)
+    reference = _output_and_gradients(lambda q, k, v: _causal_spans_reference(q, k, v, lengths, scale), inputs,
+                                      grad_out)
+    ours = _output_and_gradients(
+        lambda q, k, v: _BF16SpanAttention.apply(q, k, v, lengths, scale or dim**-0.5), inputs, grad_out)
+
+    def torch_bf16(q, k, v):
+        pieces = [F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
+                  for qs, ks, vs in zip(*(torch.split(t, lengths, dim=2) for t in (q, k, v)), strict=True)]
+        return torch.cat([piece.transpose(1, 2) for piece in pieces], dim=1)
+
+    torch_errors = [(a - r).norm() / r.norm() for a, r in zip(_output_and_gradients(torch_bf16, inputs, grad_out),
+                                                             reference, strict=True)]
+    our_errors = [(a - r).norm() / r.norm() for a, r in zip(ours, reference, strict=True)]
+    for ours_error, torch_error in zip(our_errors, torch_errors, strict=True):
+        assert ours_error < min(1e-2, 1.5 * torch_error)
+    assert ours[0].shape == (1, width, heads, dim)
+
+
+def test_packed_attention_under_cpu_bf16_autocast_takes_the_span_function(tiny_model, examples) -> None:
+    """Packed rows under CPU bf16 autocast skip SDPA (its bf16 backward is slow there); padded ones keep it."""
+    calls = []
     original = F.scaled_dot_product_attention
 
-    def spy(query, key, value, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-        dtypes.append((query.dtype, key.dtype, value.dtype, torch.is_autocast_enabled("cpu")))
-        return original(query, key, value, *args, **kwargs)
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(torch.is_autocast_enabled("cpu"))
+        return original(*args, **kwargs)
 
     batch = collate_packed(examples, pad_id=0)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(F, "scaled_dot_product_attention", spy)
         with packed_attention(tiny_model), torch.autocast("cpu", dtype=torch.bfloat16):
             hidden = hidden_states(tiny_model, batch["input_ids"], None, batch["position_ids"], batch["cu_seq_lens"])
+        assert calls == []
         with torch.autocast("cpu", dtype=torch.bfloat16):  # padded rows: transformers' SDPA as it is
             hidden_states(tiny_model, batch["input_ids"], None, batch["position_ids"])
-    spans = len(examples) * tiny_model.config.num_hidden_layers
-    assert dtypes[:spans] == [(torch.float32, torch.float32, torch.float32, False)] * spans
-    assert dtypes[spans:] and all(enabled for *_, enabled in dtypes[spans:])
+    assert calls and all(calls)
     assert hidden.isfinite().all()
+    with torch.no_grad():
+        exact = hidden_states(tiny_model, batch["input_ids"], None, batch["position_ids"])
+    assert ((hidden.float() - exact).norm() / exact.norm()).item() < 2e-2  # bf16 matmuls throughout the model
+
+
+def test_packed_attention_keeps_fp32_sdpa_for_dropout_and_without_autocast(tiny_model, examples) -> None:
+    """Attention dropout (not in the span function) and fp32 training run SDPA per span, in fp32."""
+    dtypes = []
+    original = F.scaled_dot_product_attention
+
+    def spy(query, key, value, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        dtypes.append((query.dtype, torch.is_autocast_enabled("cpu")))
+        return original(query, key, value, *args, **kwargs)
+
+    batch = collate_packed(examples, pad_id=0)
+    spans = len(examples) * tiny_model.config.num_hidden_layers
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(F, "scaled_dot_product_attention", spy)
+        with packed_attention(tiny_model):
+            hidden_states(tiny_model, batch["input_ids"], None, batch["position_ids"], batch["cu_seq_lens"])
+            assert dtypes == [(torch.float32, False)] * spans
+            dtypes.clear()
+            tiny_model.train()
+            for layer in tiny_model.model.layers:
+                patch.setattr(layer.self_attn, "attention_dropout", 0.1)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                hidden_states(tiny_model, batch["input_ids"], None, batch["position_ids"], batch["cu_seq_lens"])
+            assert dtypes == [(torch.float32, False)] * spans

@@ -7,6 +7,10 @@ training step at 4 samples per row, measured). Given the sample boundaries (`cu_
 keyword flash-attention varlen reads on CUDA), this runs causal SDPA on each sample's span instead,
 so one micro-batch can be one row of any length with no padding at all. Everything else (padded
 batches, generation with a cache) goes to transformers' own SDPA function unchanged.
+
+Under bf16 autocast on CPU the spans go through `_BF16SpanAttention` instead: PyTorch's CPU
+flash-attention kernel is slow in bf16 (its backward above all), and in fp32 it was still more than a
+quarter of a LoRA training step.
 """
 
 from __future__ import annotations
@@ -31,6 +35,82 @@ VARLEN_CAPABLE = {"sdpa", VARLEN_SDPA, "flash_attention_2", "flash_attention_3"}
 MASKED_ROW_TOKENS = 512
 
 
+class _BF16SpanAttention(torch.autograd.Function):
+    """Causal attention within each span of a packed row, with bf16 matmuls where they keep the accuracy.
+
+    Scores, softmax and the gradient of the probabilities are fp32; P @ V and the three gradient
+    matmuls take bf16 inputs (oneDNN accumulates in fp32): the roundings of PyTorch's own bf16
+    flash-attention kernel, at 1.6x the speed of its fp32 one (3.6 vs 5.6 ms forward + backward for
+    four spans of 62-150 tokens, 9 heads, 2 cores). Grouped-query heads share their key/value head as
+    one (kv_heads, group * span, head_dim) batch, so keys and values are never repeated.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: list[int],
+                scale: float) -> torch.Tensor:
+        # query (1, H, W, D), key/value (1, Hkv, W, D) -> (1, W, H, D) in bf16
+        heads, width, dim = query.shape[1:]
+        kv_heads = key.shape[1]
+        group = heads // kv_heads
+        q16, k16, v16 = (t[0].to(torch.bfloat16) for t in (query, key, value))
+        out = torch.empty(width, heads, dim, dtype=torch.bfloat16, device=query.device)
+        probabilities = []
+        start = 0
+        for length in lengths:
+            span = slice(start, start + length)
+            q32 = q16[:, span].reshape(kv_heads, group * length, dim).float()
+            scores = torch.bmm(q32, k16[:, span].float().transpose(1, 2)).mul_(scale)
+            future = torch.full((length, length), float("-inf"), device=query.device).triu_(1)
+            scores.view(kv_heads, group, length, length).add_(future)
+            p16 = torch.softmax(scores, -1, out=scores).to(torch.bfloat16)
+            out[span] = torch.bmm(p16, v16[:, span]).view(heads, length, dim).transpose(0, 1)
+            probabilities.append(p16)
+            start += length
+        ctx.save_for_backward(q16, k16, v16, out)
+        ctx.probabilities, ctx.lengths, ctx.scale = probabilities, lengths, scale
+        ctx.dtypes = query.dtype, key.dtype, value.dtype
+        return out.unsqueeze(0)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+        q16, k16, v16, out = ctx.saved_tensors
+        heads, width, dim = q16.shape
+        kv_heads = k16.shape[0]
+        group = heads // kv_heads
+        grad_q, grad_k, grad_v = torch.empty_like(q16), torch.empty_like(k16), torch.empty_like(v16)
+        start = 0
+        for length, p16 in zip(ctx.lengths, ctx.probabilities, strict=True):
+            span = slice(start, start + length)
+
+            def by_kv_head(t: torch.Tensor) -> torch.Tensor:  # (length, H, D) -> (Hkv, group * length, D)
+                return t.transpose(0, 1).reshape(kv_heads, group * length, dim)  # noqa: B023
+
+            grad_o16 = by_kv_head(grad_out[0, span].to(torch.bfloat16))
+            grad_o32 = grad_o16.float()
+            grad_v[:, span] = torch.bmm(p16.transpose(1, 2), grad_o16)
+            # softmax backward: dS = P * (dP - rowsum(dO * O)), with dP = dO @ V^T in fp32
+            row_dot = (grad_o32 * by_kv_head(out[span]).float()).sum(-1, keepdim=True)
+            grad_scores = torch.bmm(grad_o32, v16[:, span].float().transpose(1, 2))
+            grad_scores = grad_scores.sub_(row_dot).mul_(p16).mul_(ctx.scale).to(torch.bfloat16)
+            grad_q[:, span] = torch.bmm(grad_scores, k16[:, span]).view(heads, length, dim)
+            q_by_kv_head = q16[:, span].reshape(kv_heads, group * length, dim)
+            grad_k[:, span] = torch.bmm(grad_scores.transpose(1, 2), q_by_kv_head)
+            start += length
+        q_dtype, k_dtype, v_dtype = ctx.dtypes
+        return (grad_q.unsqueeze(0).to(q_dtype), grad_k.unsqueeze(0).to(k_dtype), grad_v.unsqueeze(0).to(v_dtype),
+                None, None)
+
+
+def _bf16_span_attention_applies(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                 kwargs: dict[str, Any]) -> bool:
+    """bf16 autocast on CPU, plain causal attention (no dropout, bias or softcap), grouped heads."""
+    return (query.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            and not kwargs.get("dropout") and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
+            and getattr(module, "is_causal", True) and kwargs.get("is_causal", True) is not False
+            and query.shape[1] % key.shape[1] == 0 and query.shape[-1] == key.shape[-1] == value.shape[-1])
+
+
 def varlen_sdpa_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """SDPA per sample of a packed row (batch of one, no cache); plain SDPA for anything else.
@@ -44,6 +124,11 @@ def varlen_sdpa_forward(module: nn.Module, query: torch.Tensor, key: torch.Tenso
         kwargs.pop(name, None)
     edges = bounds.tolist()
     lengths = [end - start for start, end in zip(edges[:-1], edges[1:], strict=True)]
+    if _bf16_span_attention_applies(module, query, key, value, kwargs):
+        scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        with torch.autocast("cpu", enabled=False):  # the matmuls above choose their own dtypes
+            attended = _BF16SpanAttention.apply(query, key, value, lengths, scale)  # type: ignore[no-untyped-call]
+        return attended.to(query.dtype), None
     # Under CPU autocast SDPA would run in bf16, and PyTorch's CPU flash-attention backward is
     # much slower in bf16 than in fp32 (1.97 vs 1.12 ms forward + backward for a 111-token span of
     # 9 heads): it was a quarter of a bf16 training step. fp32 is also the more accurate of the two.

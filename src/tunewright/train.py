@@ -25,7 +25,7 @@ from tunewright.checkpoint import (
     save_checkpoint,
 )
 from tunewright.config import TrainerConfig
-from tunewright.cpu_speed import fast_dropout, reuse_freed_memory
+from tunewright.cpu_speed import fast_dropout, fast_rms_norm, reuse_freed_memory
 from tunewright.data import IGNORE_INDEX, Example, collate_training
 from tunewright.errors import RunFolderError, TrainingError
 from tunewright.faults import (
@@ -309,7 +309,7 @@ def fit(
     frozen_weights = frozen_weights_in_bf16(objective, cfg.precision, accelerator.device)
     if accelerator.device.type == "cpu":
         reuse_freed_memory()
-    dropout = fast_dropout(objective)
+    dropout, norms = fast_dropout(objective), fast_rms_norm(objective)
     parameters = trainable_parameters(objective)
     if not parameters:
         raise TrainingError("nothing to train: no parameter requires a gradient (check the adapter config)")
@@ -348,7 +348,7 @@ def fit(
             last_checkpoint = save_training_checkpoint(checkpoint_dir, state, ctx, scheduler, best_weights)
         return last_checkpoint
 
-    with progress, stop, attention, dropout, frozen_weights:
+    with progress, stop, attention, dropout, norms, frozen_weights:
         progress.update(None, advance=state.step)
         for step, (epoch, window) in enumerate(optimizer_windows(len(train_examples), cfg, world_size, lengths)):
             if step < state.step:
