@@ -63,8 +63,8 @@ def kept_mask(shape: torch.Size, p: float, dtype: torch.dtype) -> torch.Tensor:
     """0 where an element is dropped, else 1, as `dtype`: the complement of `dropped_positions`
     from the same draws.
 
-    Multiplying by a 0/1 float tensor is 10x cheaper on CPU than `masked_fill` with a bool mask, and
-    bool -> float is 9x slower than the same bytes read as uint8 -> float (measured, 2 cores).
+    On CPU, multiplying by a 0/1 float tensor is much cheaper than `masked_fill` with a bool mask,
+    and bool -> float much slower than the same bytes read as uint8 -> float.
     """
     levels, cut = _levels_and_cut(shape, p)
     return (levels >= cut).view(torch.uint8).to(dtype)
@@ -108,8 +108,8 @@ class _FrozenRMSNorm(torch.autograd.Function):
     """Llama's RMSNorm, `weight * (x_fp32 * rsqrt(mean(x_fp32²) + eps)).to(x.dtype)`, for a frozen weight.
 
     The forward pass gives the same bits as transformers' module. Autograd through that module keeps
-    four (N, H) tensors and makes about a dozen passes over them; this keeps x alone and recomputes,
-    2.9x faster forward + backward for a (444, 576) bf16 block on 2 cores (gradients equal to ~1e-7).
+    four (N, H) tensors and makes about a dozen passes over them; this keeps x alone and recomputes
+    (gradients equal to ~1e-7; 1.3x faster forward + backward, `bench/cpu_kernels.py`).
     """
 
     @staticmethod
@@ -164,7 +164,7 @@ def fast_rms_norm(model: nn.Module) -> Iterator[None]:
     """
     norms = [module for module in model.modules() if _is_llama_rms_norm(module)]
     for module in norms:
-        module.forward = MethodType(_fast_rms_norm_forward, module)  # type: ignore[method-assign]
+        module.forward = MethodType(_fast_rms_norm_forward, module)
     try:
         yield
     finally:

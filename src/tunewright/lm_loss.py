@@ -22,8 +22,8 @@ def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
                 want_grad: bool, want_correct: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """(loss sum, d loss_sum / d logits if wanted, correct argmax count) of one chunk of rows."""
     logits = F.linear(hidden, weight, bias)  # (n, V), in the autocast dtype if any
-    # One fused kernel reads the logits once and writes fp32 probabilities: a third of the time of
-    # upcast, shift, exp, sum and divide as separate passes over the (n, V) tensor.
+    # One fused kernel reads the logits once and writes fp32 probabilities, instead of separate
+    # passes for upcast, shift, exp, sum and divide over the (n, V) tensor.
     probabilities = torch.softmax(logits, dim=-1, dtype=torch.float32)
     top_logits, top_index = logits.max(dim=-1)
     correct = (top_index == targets).sum() if want_correct else targets.new_zeros(())

@@ -1,0 +1,161 @@
+"""The CPU training pieces tunewright replaces, each side by side with what it replaces, in one run.
+
+Forward + backward wall time (median of alternating rounds), at the shapes of the SmolLM2-135M
+training benchmark (`train_speed.py`: four samples of 62-150 tokens packed into one 447-token row,
+9 query heads and 3 key/value heads of 64, hidden size 576, 49,152-token vocabulary):
+
+- `attention`: `attention._BF16SpanAttention` against PyTorch's flash-attention SDPA per span in
+  fp32 (what packed bf16 training used before) and in bf16, plus each one's relative error
+  against fp64 (output, dq, dk, dv);
+- `rms_norm`: `cpu_speed._FrozenRMSNorm` against transformers' LlamaRMSNorm module (bf16, frozen weight);
+- `dropout`: `cpu_speed.FastDropout` (a 0/1 factor) against the same mask applied with `masked_fill`;
+- `lm_loss`: the fused LM-head loss (`lm_loss.linear_cross_entropy`, 300 target rows) against
+  `lm_head` + `F.cross_entropy` under bf16 autocast.
+
+    .venv/bin/python bench/cpu_kernels.py --out bench/results/cpu_kernels_zen5.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import save_json  # noqa: E402
+
+from tunewright.attention import _BF16SpanAttention  # noqa: E402
+from tunewright.cpu_speed import (  # noqa: E402
+    MASK_LEVELS,
+    FastDropout,
+    _FrozenRMSNorm,
+    dropped_positions,
+    reuse_freed_memory,
+)
+from tunewright.lm_loss import linear_cross_entropy  # noqa: E402
+
+SPANS, HEADS, KV_HEADS, HEAD_DIM, HIDDEN, VOCAB, TARGET_ROWS = [62, 140, 95, 150], 9, 3, 64, 576, 49152, 300
+Step = Callable[[], Any]
+
+
+def median_ms(contenders: dict[str, Step], rounds: int, repeats: int = 10) -> dict[str, float]:
+    """Median milliseconds of each contender, rounds alternating in order, after one warm-up call each."""
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for step in contenders.values():
+        step()
+    for round_index in range(rounds):
+        order = list(contenders) if round_index % 2 == 0 else list(reversed(contenders))
+        for name in order:
+            for _ in range(repeats):
+                started = time.perf_counter()
+                contenders[name]()
+                times[name].append(time.perf_counter() - started)
+    return {name: 1000 * statistics.median(values) for name, values in times.items()}
+
+
+def forward_backward(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor], grad: torch.Tensor) -> Step:
+    """One forward + backward call: returns the output and the inputs' gradients."""
+    def step() -> list[torch.Tensor]:
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        out = fn(*leaves)
+        out.backward(grad.to(out.dtype))
+        return [out.detach()] + [leaf.grad for leaf in leaves]
+    return step
+
+
+def per_span_sdpa(dtype: torch.dtype) -> Callable[..., torch.Tensor]:
+    def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        pieces = [F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)
+                  for q, k, v in zip(*(torch.split(t.to(dtype), SPANS, dim=2) for t in (query, key, value)),
+                                     strict=True)]
+        return torch.cat(pieces, dim=1)
+    return attend
+
+
+def attention(rounds: int) -> dict[str, Any]:
+    width = sum(SPANS)
+    # The layout inside the model: projections give (1, W, heads, D), attention sees it transposed.
+    inputs = [(torch.randn(1, width, heads, HEAD_DIM) * 1.5).to(torch.bfloat16).transpose(1, 2)
+              for heads in (HEADS, KV_HEADS, KV_HEADS)]
+    grad = torch.randn(1, width, HEADS, HEAD_DIM)
+    contenders = {
+        "tunewright_span_bf16": lambda q, k, v: _BF16SpanAttention.apply(q, k, v, SPANS, HEAD_DIM**-0.5),
+        "sdpa_flash_fp32": per_span_sdpa(torch.float32),
+        "sdpa_flash_bf16": per_span_sdpa(torch.bfloat16),
+    }
+    exact = forward_backward(per_span_sdpa(torch.float64), inputs, grad)()
+    errors = {name: [((a.double() - b).norm() / b.norm()).item()
+                     for a, b in zip(forward_backward(fn, inputs, grad)(), exact, strict=True)]
+              for name, fn in contenders.items()}
+    ms = median_ms({name: forward_backward(fn, inputs, grad) for name, fn in contenders.items()}, rounds)
+    return {"ms": ms, "relative_error_out_dq_dk_dv": errors,
+            "speedup_vs_sdpa_flash_fp32": ms["sdpa_flash_fp32"] / ms["tunewright_span_bf16"]}
+
+
+def rms_norm(rounds: int) -> dict[str, Any]:
+    norm = LlamaRMSNorm(HIDDEN, eps=1e-5).to(torch.bfloat16).requires_grad_(False)
+    x = torch.randn(1, sum(SPANS), HIDDEN).to(torch.bfloat16) * 3
+    grad = torch.randn_like(x)
+    ms = median_ms({"tunewright_frozen_rms_norm": forward_backward(
+                        lambda t: _FrozenRMSNorm.apply(t, norm.weight, norm.variance_epsilon), [x], grad),
+                    "transformers_module": forward_backward(norm, [x], grad)}, rounds)
+    return {"ms": ms, "speedup": ms["transformers_module"] / ms["tunewright_frozen_rms_norm"]}
+
+
+def dropout(rounds: int) -> dict[str, Any]:
+    p = 0.05
+    scale = MASK_LEVELS / (MASK_LEVELS - round(p * MASK_LEVELS))
+    x = torch.randn(1, sum(SPANS), HIDDEN).to(torch.bfloat16)
+    grad = torch.randn_like(x)
+    fast = FastDropout(p).train()
+    ms = median_ms({"tunewright_0_1_factor": forward_backward(fast, [x], grad),
+                    "masked_fill": forward_backward(
+                        lambda t: (t * scale).masked_fill(dropped_positions(t.shape, p), 0.0), [x], grad)}, rounds)
+    return {"ms": ms, "speedup": ms["masked_fill"] / ms["tunewright_0_1_factor"]}
+
+
+def lm_loss(rounds: int) -> dict[str, Any]:
+    head = torch.nn.Linear(HIDDEN, VOCAB, bias=False).requires_grad_(False)
+    head.weight.data = (head.weight.data * 0.5).to(torch.bfloat16)
+    hidden = torch.randn(TARGET_ROWS, HIDDEN).to(torch.bfloat16)
+    targets = torch.randint(0, VOCAB, (TARGET_ROWS,))
+
+    def fused(h: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return linear_cross_entropy(h, head, targets, want_correct=False)[0]
+
+    def plain(h: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return F.cross_entropy(head(h).float(), targets, reduction="sum")
+
+    one = torch.ones(())
+    ms = median_ms({"tunewright_fused": forward_backward(fused, [hidden], one),
+                    "lm_head_plus_cross_entropy": forward_backward(plain, [hidden], one)}, rounds, repeats=3)
+    return {"ms": ms, "speedup": ms["lm_head_plus_cross_entropy"] / ms["tunewright_fused"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    reuse_freed_memory()  # as in training (fit calls it on CPU)
+    result = {name: measure(args.rounds) for name, measure in
+              (("attention", attention), ("rms_norm", rms_norm), ("dropout", dropout), ("lm_loss", lm_loss))}
+    for name, figures in result.items():
+        print(name, {key: (round(value, 3) if isinstance(value, float) else value) for key, value in figures.items()})
+    save_json(result, args.out)
+
+
+if __name__ == "__main__":
+    main()
