@@ -1,7 +1,8 @@
 """Per-sample (varlen) SDPA for packed rows gives what masked SDPA gives, without cross-sample work.
 
 Tolerance: fp32; hidden states agree to 1e-5 and gradients to a relative 1e-4 of their norm
-(only the summation order of differently shaped kernels differs).
+(only the summation order of differently shaped kernels differs). The CPU bf16 span attention is
+held to PyTorch's own bf16 attention error instead (its test states the bound).
 """
 
 from __future__ import annotations

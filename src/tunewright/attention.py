@@ -15,6 +15,7 @@ quarter of a LoRA training step.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -51,6 +52,19 @@ def _fp32_matmuls_on_bf16_units() -> Iterator[None]:
         matmul.fp32_precision = previous
 
 
+def _build_future_mask(length: int, group: int, device: torch.device) -> torch.Tensor:
+    """(group * length, length): -inf where a query would see a later key, else 0 (grouped heads stacked)."""
+    return torch.full((length, length), float("-inf"), device=device).triu_(1).repeat(group, 1)
+
+
+_cached_future_mask = functools.lru_cache(maxsize=16)(_build_future_mask)
+
+
+def _future_mask(length: int, group: int, device: torch.device) -> torch.Tensor:
+    """Spans of up to 512 tokens reuse their mask across the layers of a step (a few MB at most)."""
+    return (_cached_future_mask if length <= 512 else _build_future_mask)(length, group, device)
+
+
 class _BF16SpanAttention(torch.autograd.Function):
     """Causal attention within each span of a packed row, with bf16 matmuls where they keep the accuracy.
 
@@ -70,20 +84,20 @@ class _BF16SpanAttention(torch.autograd.Function):
         kv_heads = key.shape[1]
         group = heads // kv_heads
         q16, k16, v16 = (t[0].to(torch.bfloat16) for t in (query, key, value))
+        q32, k32 = q16.float(), k16.float()
         out = torch.empty(width, heads, dim, dtype=torch.bfloat16, device=query.device)
         probabilities = []
         start = 0
-        for length in lengths:
-            span = slice(start, start + length)
-            q32 = q16[:, span].reshape(kv_heads, group * length, dim).float()
-            with _fp32_matmuls_on_bf16_units():
-                scores = torch.bmm(q32, k16[:, span].float().transpose(1, 2)).mul_(scale)
-            future = torch.full((length, length), float("-inf"), device=query.device).triu_(1)
-            scores.view(kv_heads, group, length, length).add_(future)
-            p16 = torch.softmax(scores, -1, out=scores).to(torch.bfloat16)
-            out[span] = torch.bmm(p16, v16[:, span]).view(heads, length, dim).transpose(0, 1)
-            probabilities.append(p16)
-            start += length
+        with _fp32_matmuls_on_bf16_units():
+            for length in lengths:
+                span = slice(start, start + length)
+                q_by_kv_head = q32[:, span].reshape(kv_heads, group * length, dim)
+                scores = torch.baddbmm(_future_mask(length, group, query.device), q_by_kv_head,
+                                       k32[:, span].transpose(1, 2), alpha=scale)
+                p16 = torch.softmax(scores, -1, out=scores).to(torch.bfloat16)
+                out[span] = torch.bmm(p16, v16[:, span]).view(heads, length, dim).transpose(0, 1)
+                probabilities.append(p16)
+                start += length
         ctx.save_for_backward(q16, k16, v16, out)
         ctx.probabilities, ctx.lengths, ctx.scale = probabilities, lengths, scale
         ctx.dtypes = query.dtype, key.dtype, value.dtype
@@ -101,25 +115,23 @@ class _BF16SpanAttention(torch.autograd.Function):
         kv_heads = k16.shape[0]
         group = heads // kv_heads
         grad_q, grad_k, grad_v = torch.empty_like(q16), torch.empty_like(k16), torch.empty_like(v16)
+        grad16 = grad_out[0].to(torch.bfloat16)  # (W, H, D)
+        # softmax backward: dS = P * (dP - rowsum(dO * O)), the row sums for all spans at once
+        row_dot = (grad16.float() * out.float()).sum(-1)  # (W, H)
+        v32 = v16.float()
         start = 0
-        for length, p16 in zip(ctx.lengths, ctx.probabilities, strict=True):
-            span = slice(start, start + length)
-
-            def by_kv_head(t: torch.Tensor) -> torch.Tensor:  # (length, H, D) -> (Hkv, group * length, D)
-                return t.transpose(0, 1).reshape(kv_heads, group * length, dim)  # noqa: B023
-
-            grad_o16 = by_kv_head(grad_out[0, span].to(torch.bfloat16))
-            grad_o32 = grad_o16.float()  # bf16 values: dP below is exact products, fp32 sums
-            grad_v[:, span] = torch.bmm(p16.transpose(1, 2), grad_o16)
-            # softmax backward: dS = P * (dP - rowsum(dO * O)), with dP = dO @ V^T in fp32
-            row_dot = (grad_o32 * by_kv_head(out[span]).float()).sum(-1, keepdim=True)
-            with _fp32_matmuls_on_bf16_units():
-                grad_scores = torch.bmm(grad_o32, v16[:, span].float().transpose(1, 2))
-            grad_scores = grad_scores.sub_(row_dot).mul_(p16).mul_(ctx.scale).to(torch.bfloat16)
-            grad_q[:, span] = torch.bmm(grad_scores, k16[:, span]).view(heads, length, dim)
-            q_by_kv_head = q16[:, span].reshape(kv_heads, group * length, dim)
-            grad_k[:, span] = torch.bmm(grad_scores.transpose(1, 2), q_by_kv_head)
-            start += length
+        with _fp32_matmuls_on_bf16_units():  # dP = dO @ V^T: exact products of bf16 values, fp32 sums
+            for length, p16 in zip(ctx.lengths, ctx.probabilities, strict=True):
+                span = slice(start, start + length)
+                grad_o16 = grad16[span].transpose(0, 1).reshape(kv_heads, group * length, dim)
+                grad_v[:, span] = torch.bmm(p16.transpose(1, 2), grad_o16)
+                grad_scores = torch.bmm(grad_o16.float(), v32[:, span].transpose(1, 2))
+                span_row_dot = row_dot[span].T.reshape(kv_heads, group * length, 1)
+                grad_scores = grad_scores.sub_(span_row_dot).mul_(p16).mul_(ctx.scale).to(torch.bfloat16)
+                grad_q[:, span] = torch.bmm(grad_scores, k16[:, span]).view(heads, length, dim)
+                q_by_kv_head = q16[:, span].reshape(kv_heads, group * length, dim)
+                grad_k[:, span] = torch.bmm(grad_scores.transpose(1, 2), q_by_kv_head)
+                start += length
         q_dtype, k_dtype, v_dtype = ctx.dtypes
         return (grad_q.unsqueeze(0).to(q_dtype), grad_k.unsqueeze(0).to(k_dtype), grad_v.unsqueeze(0).to(v_dtype),
                 None, None)
