@@ -71,7 +71,7 @@ class _BF16SpanAttention(torch.autograd.Function):
     Scores, softmax and the gradient of the probabilities are fp32 (from bf16 inputs, so their
     matmuls can run on bf16 units exactly); P @ V and the three gradient matmuls take bf16 inputs
     (oneDNN accumulates in fp32): the roundings of PyTorch's own bf16 flash-attention kernel, at
-    1.9x the speed of its fp32 one and 2.9x its bf16 one (`bench/cpu_kernels.py`). Grouped-query
+    about 2x the speed of its fp32 one and 3x its bf16 one (`bench/cpu_kernels.py`). Grouped-query
     heads share their key/value head as one (kv_heads, group * span, head_dim) batch, so keys and
     values are never repeated.
     """
