@@ -111,13 +111,18 @@ def test_rows_stay_short_for_attention_that_masks_the_whole_row(tiny_model) -> N
     assert widths and max(widths) <= MASKED_ROW_TOKENS
 
 
-def _causal_spans_reference(query, key, value, lengths, scale=None):
-    """Per-span causal SDPA in fp64 with repeated key/value heads: (1, H, W, D) inputs -> (1, W, H, D)."""
+def _causal_spans_reference(query, key, value, lengths, scale=None, window=None):
+    """Per-span causal SDPA in fp64 with repeated key/value heads: (1, H, W, D) inputs -> (1, W, H, D).
+
+    With a window, query i sees keys i - window < j <= i (transformers' sliding-window mask).
+    """
     group = query.shape[1] // key.shape[1]
     pieces = []
     for q, k, v in zip(*(torch.split(t.double(), lengths, dim=2) for t in (query, key, value)), strict=True):
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        pieces.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale).transpose(1, 2))
+        i, j = torch.arange(q.shape[2])[:, None], torch.arange(q.shape[2])[None]
+        visible = (j <= i) & (j > i - window) if window else j <= i
+        pieces.append(F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale).transpose(1, 2))
     return torch.cat(pieces, dim=1)
 
 
@@ -128,8 +133,8 @@ def _output_and_gradients(attend, inputs, grad_out):
     return [out.double()] + [leaf.grad.double() for leaf in leaves]
 
 
-@pytest.mark.parametrize("scale", [None, 0.3])
-def test_bf16_span_attention_is_as_accurate_as_torch_bf16_attention(scale) -> None:
+@pytest.mark.parametrize(("scale", "window"), [(None, None), (0.3, None), (None, 4)])
+def test_bf16_span_attention_is_as_accurate_as_torch_bf16_attention(scale, window) -> None:
     """Same maths as causal SDPA per span (grouped heads, any lengths), with bf16 rounding only.
 
     Tolerance: relative errors (norm of the difference over the norm of the fp64 result) of the
@@ -141,13 +146,18 @@ def test_bf16_span_attention_is_as_accurate_as_torch_bf16_attention(scale) -> No
     width = sum(lengths)
     inputs = [(torch.randn(1, h, width, dim) * 1.5).to(torch.bfloat16) for h in (heads, kv_heads, kv_heads)]
     grad_out = torch.randn(1, width, heads, dim)
-    reference = _output_and_gradients(lambda q, k, v: _causal_spans_reference(q, k, v, lengths, scale), inputs,
-                                      grad_out)
+    reference = _output_and_gradients(lambda q, k, v: _causal_spans_reference(q, k, v, lengths, scale, window),
+                                      inputs, grad_out)
     ours = _output_and_gradients(
-        lambda q, k, v: _BF16SpanAttention.apply(q, k, v, lengths, scale or dim**-0.5), inputs, grad_out)
+        lambda q, k, v: _BF16SpanAttention.apply(q, k, v, lengths, scale or dim**-0.5, window), inputs, grad_out)
 
     def torch_bf16(q, k, v):
-        pieces = [F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
+        def visible(n: int) -> torch.Tensor:
+            i, j = torch.arange(n)[:, None], torch.arange(n)[None]
+            return (j <= i) & (j > i - window) if window else j <= i
+
+        pieces = [F.scaled_dot_product_attention(qs, ks, vs, attn_mask=visible(qs.shape[2]), scale=scale,
+                                                 enable_gqa=True)
                   for qs, ks, vs in zip(*(torch.split(t, lengths, dim=2) for t in (q, k, v)), strict=True)]
         return torch.cat([piece.transpose(1, 2) for piece in pieces], dim=1)
 
@@ -206,3 +216,51 @@ def test_packed_attention_keeps_fp32_sdpa_for_dropout_and_without_autocast(tiny_
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 hidden_states(tiny_model, batch["input_ids"], None, batch["position_ids"], batch["cu_seq_lens"])
             assert dtypes == [(torch.float32, False)] * spans
+
+
+def _tiny_sliding_window_model(window: int) -> torch.nn.Module:
+    """A 2-layer Mistral (Llama with a sliding window) the size of the tiny Llama."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                           sliding_window=window, pad_token_id=0, tie_word_embeddings=False)
+    return MistralForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_packed_rows_keep_the_sliding_window(examples, precision: str) -> None:
+    """A model with a 4-token window sees the same keys packed as alone, in spans longer than the window.
+
+    Tolerance: fp32 as above (1e-5); under bf16 autocast, a relative 2e-2 of the fp32 result
+    (bf16 matmuls throughout the model), far below what attending past the window changes.
+    """
+    model = _tiny_sliding_window_model(window=4)
+    batch = collate_packed(examples, pad_id=0)
+    edges = batch["cu_seq_lens"].tolist()
+    assert max(b - a for a, b in zip(edges[:-1], edges[1:], strict=True)) > 4
+    with torch.no_grad():
+        alone = torch.cat([hidden_states(model, batch["input_ids"][:, a:b], None)
+                           for a, b in zip(edges[:-1], edges[1:], strict=True)], dim=1)
+        with packed_attention(model), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            varlen = hidden_states(model, batch["input_ids"], None, batch["position_ids"], batch["cu_seq_lens"])
+        model.config.sliding_window = None
+        unwindowed = torch.cat([hidden_states(model, batch["input_ids"][:, a:b], None)
+                                for a, b in zip(edges[:-1], edges[1:], strict=True)], dim=1)
+    assert (unwindowed - alone).norm() / alone.norm() > 0.1  # the window matters for these spans
+    if precision == "fp32":
+        assert torch.allclose(varlen, alone, atol=1e-5)
+    else:
+        assert ((varlen.float() - alone).norm() / alone.norm()).item() < 2e-2
+
+
+def test_packed_gradients_keep_the_sliding_window(examples) -> None:
+    """LoRA gradients of packed rows equal padded rows' (transformers' own sliding-window mask)."""
+    objective = lora_objective(_tiny_sliding_window_model(window=4))
+    with packed_attention(objective.model):
+        packed_loss, packed_grads = gradients(objective, collate_packed(examples, pad_id=0))
+    padded_loss, padded_grads = gradients(objective, collate_training(examples, pad_id=0))
+    assert packed_loss == pytest.approx(padded_loss, rel=1e-6)
+    for name, grad in padded_grads.items():
+        assert torch.linalg.norm(packed_grads[name] - grad) <= GRAD_RTOL * torch.linalg.norm(grad), name

@@ -52,17 +52,31 @@ def _fp32_matmuls_on_bf16_units() -> Iterator[None]:
         matmul.fp32_precision = previous
 
 
-def _build_future_mask(length: int, group: int, device: torch.device) -> torch.Tensor:
-    """(group * length, length): -inf where a query would see a later key, else 0 (grouped heads stacked)."""
-    return torch.full((length, length), float("-inf"), device=device).triu_(1).repeat(group, 1)
+def _visible_keys(length: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """(length, length) bool: query i sees key j <= i, and with a sliding window only j > i - window
+    (transformers' sliding-window mask)."""
+    visible = torch.ones(length, length, dtype=torch.bool, device=device).tril_()
+    return visible.triu_(1 - window) if window is not None else visible
+
+
+def _build_future_mask(length: int, group: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """(group * length, length): 0 where a query sees the key, else -inf (grouped heads stacked)."""
+    hidden = ~_visible_keys(length, window, device)
+    return torch.zeros(length, length, device=device).masked_fill_(hidden, float("-inf")).repeat(group, 1)
 
 
 _cached_future_mask = functools.lru_cache(maxsize=16)(_build_future_mask)
 
 
-def _future_mask(length: int, group: int, device: torch.device) -> torch.Tensor:
+def _future_mask(length: int, group: int, window: int | None, device: torch.device) -> torch.Tensor:
     """Spans of up to 512 tokens reuse their mask across the layers of a step (a few MB at most)."""
-    return (_cached_future_mask if length <= 512 else _build_future_mask)(length, group, device)
+    return (_cached_future_mask if length <= 512 else _build_future_mask)(length, group, window, device)
+
+
+def sliding_window(kwargs: dict[str, Any], lengths: list[int]) -> int | None:
+    """The window transformers passes to a sliding-window layer, if some span is longer than it."""
+    window = kwargs.get("sliding_window")
+    return window if window is not None and max(lengths) > window else None
 
 
 class _BF16SpanAttention(torch.autograd.Function):
@@ -78,7 +92,7 @@ class _BF16SpanAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: list[int],
-                scale: float) -> torch.Tensor:
+                scale: float, window: int | None = None) -> torch.Tensor:
         # query (1, H, W, D), key/value (1, Hkv, W, D) -> (1, W, H, D) in bf16
         heads, width, dim = query.shape[1:]
         kv_heads = key.shape[1]
@@ -92,7 +106,7 @@ class _BF16SpanAttention(torch.autograd.Function):
             for length in lengths:
                 span = slice(start, start + length)
                 q_by_kv_head = q32[:, span].reshape(kv_heads, group * length, dim)
-                scores = torch.baddbmm(_future_mask(length, group, query.device), q_by_kv_head,
+                scores = torch.baddbmm(_future_mask(length, group, window, query.device), q_by_kv_head,
                                        k32[:, span].transpose(1, 2), alpha=scale)
                 p16 = torch.softmax(scores, -1, out=scores).to(torch.bfloat16)
                 out[span] = torch.bmm(p16, v16[:, span]).view(heads, length, dim).transpose(0, 1)
@@ -134,7 +148,7 @@ class _BF16SpanAttention(torch.autograd.Function):
                 start += length
         q_dtype, k_dtype, v_dtype = ctx.dtypes
         return (grad_q.unsqueeze(0).to(q_dtype), grad_k.unsqueeze(0).to(k_dtype), grad_v.unsqueeze(0).to(v_dtype),
-                None, None)
+                None, None, None)
 
 
 def _bf16_span_attention_applies(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -160,10 +174,11 @@ def varlen_sdpa_forward(module: nn.Module, query: torch.Tensor, key: torch.Tenso
         kwargs.pop(name, None)
     edges = bounds.tolist()
     lengths = [end - start for start, end in zip(edges[:-1], edges[1:], strict=True)]
+    window = sliding_window(kwargs, lengths)
     if _bf16_span_attention_applies(module, query, key, value, kwargs):
         scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
         with torch.autocast("cpu", enabled=False):  # the matmuls above choose their own dtypes
-            attended = _BF16SpanAttention.apply(query, key, value, lengths, scale)  # type: ignore[no-untyped-call]
+            attended = _BF16SpanAttention.apply(query, key, value, lengths, scale, window)  # type: ignore[no-untyped-call]
         return attended.to(query.dtype), None
     # Under CPU autocast SDPA would run in bf16, and PyTorch's CPU flash-attention backward is
     # much slower in bf16 than in fp32 (1.97 vs 1.12 ms forward + backward for a 111-token span of
@@ -175,9 +190,13 @@ def varlen_sdpa_forward(module: nn.Module, query: torch.Tensor, key: torch.Tenso
     # zero-filled full-size gradient per span.
     spans = zip(torch.split(query, lengths, dim=2), torch.split(key, lengths, dim=2),
                 torch.split(value, lengths, dim=2), strict=True)
-    # No mask: SDPA applies the causal pattern within each span itself (is_causal).
+    # No mask: SDPA applies the causal pattern within each span itself (is_causal). A span longer
+    # than a sliding window gets the window's mask instead.
+    def span_mask(length: int) -> torch.Tensor | None:
+        return _visible_keys(length, window, query.device)[None, None] if window and length > window else None
+
     with torch.autocast("cpu", enabled=False) if fp32_on_cpu else nullcontext():
-        pieces = [sdpa_attention_forward(module, q, k, v, None, **kwargs)[0] for q, k, v in spans]
+        pieces = [sdpa_attention_forward(module, q, k, v, span_mask(q.shape[2]), **kwargs)[0] for q, k, v in spans]
     return torch.cat(pieces, dim=1), None
 
 
