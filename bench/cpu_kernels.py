@@ -10,7 +10,11 @@ training benchmark (`train_speed.py`: four samples of 62-150 tokens packed into 
 - `rms_norm`: `cpu_speed._FrozenRMSNorm` against transformers' LlamaRMSNorm module (bf16, frozen weight);
 - `dropout`: `cpu_speed.FastDropout` (a 0/1 factor) against the same mask applied with `masked_fill`;
 - `lm_loss`: the fused LM-head loss (`lm_loss.linear_cross_entropy`, 300 target rows) against
-  `lm_head` + `F.cross_entropy` under bf16 autocast.
+  `lm_head` + `F.cross_entropy` under bf16 autocast;
+- `decode_linears` (generation, forward only): every linear layer of SmolLM2-135M (30 x 7 and
+  the LM head, each weight read from memory) at the 16 rows of a decode step, through
+  `prepacked.prepacked_linears` against `F.linear`, in fp32 (with each one's relative error
+  against fp64) and, on a CPU with bf16 units, in bf16 (with whether the bits are equal).
 
     .venv/bin/python bench/cpu_kernels.py --out bench/results/cpu_kernels_zen5.json
 """
@@ -41,8 +45,10 @@ from tunewright.cpu_speed import (  # noqa: E402
     reuse_freed_memory,
 )
 from tunewright.lm_loss import linear_cross_entropy  # noqa: E402
+from tunewright.prepacked import packable, prepacked_linears  # noqa: E402
 
 SPANS, HEADS, KV_HEADS, HEAD_DIM, HIDDEN, VOCAB, TARGET_ROWS = [62, 140, 95, 150], 9, 3, 64, 576, 49152, 300
+LAYERS, KV_WIDTH, MLP_WIDTH, DECODE_ROWS = 30, 192, 1536, 16
 Step = Callable[[], Any]
 
 
@@ -142,6 +148,45 @@ def lm_loss(rounds: int) -> dict[str, Any]:
     return {"ms": ms, "speedup": ms["lm_head_plus_cross_entropy"] / ms["tunewright_fused"]}
 
 
+def decode_linears_at(model: torch.nn.ModuleList, rounds: int) -> dict[str, Any]:
+    """Every layer of `model` once, at DECODE_ROWS rows: prepacked against F.linear."""
+    dtype = model[0].weight.dtype
+    inputs = {width: torch.randn(DECODE_ROWS, width).to(dtype) for width in (HIDDEN, MLP_WIDTH)}
+
+    def plain() -> list[torch.Tensor]:
+        with torch.inference_mode():
+            return [layer(inputs[layer.in_features]) for layer in model]
+
+    def packed() -> list[torch.Tensor]:
+        with prepacked_linears(model):
+            return plain()
+
+    ms = median_ms({"tunewright_prepacked": packed, "f_linear": plain}, rounds, repeats=3)
+    entry: dict[str, Any] = {"ms": ms, "speedup": ms["f_linear"] / ms["tunewright_prepacked"]}
+    ours, theirs = packed(), plain()
+    if dtype != torch.float32:
+        entry["bits_equal"] = all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+        return entry
+    exact = [inputs[layer.in_features].double() @ layer.weight.double().T for layer in model]
+
+    def error(outputs: list[torch.Tensor]) -> float:
+        return max(((o.double() - e).norm() / e.norm()).item() for o, e in zip(outputs, exact, strict=True))
+
+    entry["relative_error_vs_fp64"] = {"tunewright_prepacked": error(ours), "f_linear": error(theirs)}
+    return entry
+
+
+def decode_linears(rounds: int) -> dict[str, Any]:
+    layer_shapes = [(HIDDEN, HIDDEN), (HIDDEN, KV_WIDTH), (HIDDEN, KV_WIDTH), (HIDDEN, HIDDEN),
+                    (HIDDEN, MLP_WIDTH), (HIDDEN, MLP_WIDTH), (MLP_WIDTH, HIDDEN)]
+    model = torch.nn.ModuleList([torch.nn.Linear(i, o, bias=False) for i, o in layer_shapes * LAYERS]
+                                + [torch.nn.Linear(HIDDEN, VOCAB, bias=False)]).requires_grad_(False)
+    result = {"fp32": decode_linears_at(model, rounds)}
+    if packable(model[0].weight.to(torch.bfloat16)):  # a CPU with bf16 units
+        result["bf16"] = decode_linears_at(model.to(torch.bfloat16), rounds)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=6)
@@ -151,7 +196,8 @@ def main() -> None:
     torch.manual_seed(0)
     reuse_freed_memory()  # as in training (fit calls it on CPU)
     result = {name: measure(args.rounds) for name, measure in
-              (("attention", attention), ("rms_norm", rms_norm), ("dropout", dropout), ("lm_loss", lm_loss))}
+              (("attention", attention), ("rms_norm", rms_norm), ("dropout", dropout), ("lm_loss", lm_loss),
+               ("decode_linears", decode_linears))}
     for name, figures in result.items():
         print(name, {key: (round(value, 3) if isinstance(value, float) else value) for key, value in figures.items()})
     save_json(result, args.out)

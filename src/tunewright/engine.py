@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Hashable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -24,6 +24,7 @@ from tunewright.data import collate_prompts
 from tunewright.errors import TunewrightError
 from tunewright.generate import stop_token_ids, to_generation_config
 from tunewright.pool import ServedModel
+from tunewright.prepacked import prepacked_linears
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +255,8 @@ def run_generation(jobs: list[GenerationJob]) -> None:
         padded = collate_prompts([job.prompt_ids for job in jobs], tokenizer.pad_token_id)
         batch = {name: tensor.to(device) for name, tensor in padded.items()}  # (B, T)
         criteria = StoppingCriteriaList([RowTracker(rows)]) if track else None
-        with seeded(first.seed, device), torch.inference_mode():
+        kernels = prepacked_linears(model) if device.type == "cpu" else nullcontext()  # packed once per model
+        with seeded(first.seed, device), torch.inference_mode(), kernels:
             output = model.generate(**batch, generation_config=config, stopping_criteria=criteria)
     if not track:
         for row, tokens in zip(rows, output[:, batch["input_ids"].shape[1] :].tolist(), strict=True):

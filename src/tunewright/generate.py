@@ -6,11 +6,17 @@ batch, so the cost of a batch follows its live rows instead of its longest answe
 the same forward as transformers' `generate` with the same inputs (positions from the padding
 mask), so its tokens equal `generate`'s (tests/test_generate.py). Sampling, beams and a
 repetition penalty go through `generate` itself.
+
+On CPU both run the linear layers on weights packed once for oneDNN (prepacked.py): the same
+fp32 arithmetic in another summation order (bf16: the same bits), so a greedy token could only
+change where two logits tie to within fp32 rounding; the tests and bench/generate_speed.py
+compare every token with `generate` on F.linear.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -19,6 +25,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 from tunewright.config import GenerationSettings
 from tunewright.data import collate_prompts
 from tunewright.objective import uses_virtual_tokens
+from tunewright.prepacked import prepacked_linears
 from tunewright.progress import work_progress
 
 
@@ -125,7 +132,9 @@ def generate_ids(
     order = sorted(range(len(prompt_ids)), key=lambda row: len(prompt_ids[row]), reverse=True)
     results: list[list[int]] = [[] for _ in prompt_ids]
     device = next(model.parameters()).device
-    with work_progress(len(prompt_ids), "generating", show_progress) as progress:
+    # On CPU the linear layers run on weights packed once (prepacked.py): decode steps are small matmuls.
+    kernels = prepacked_linears(model) if device.type == "cpu" else nullcontext()
+    with kernels, work_progress(len(prompt_ids), "generating", show_progress) as progress:
         for start in range(0, len(order), settings.batch_size):
             rows = order[start : start + settings.batch_size]
             batch = collate_prompts([prompt_ids[r] for r in rows], tokenizer.pad_token_id)

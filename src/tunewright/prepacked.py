@@ -1,0 +1,91 @@
+"""CPU inference through linear layers whose weights are pre-packed once for oneDNN.
+
+`F.linear` on CPU hands fp32 matmuls to MKL's sgemm, which re-packs the whole weight at every
+call. At the few rows of a decode step (one new token per prompt) that packing costs more than
+the multiply: all of SmolLM2-135M's linear layers at 16 rows take 73 ms that way and 28 ms with
+weights packed once (`bench/cpu_kernels.py`). The packed kernel is a true fp32 kernel (error
+against fp64 3.8e-7, sgemm's 2.5e-7); only its summation order differs. bf16 weights (on CPUs
+with bf16 units) already go through oneDNN and keep the same bits, about 10% faster packed.
+
+The packed copy of each weight is kept with its layer until the weight changes (another tensor,
+or an in-place update such as an optimizer step or merging an adapter), so repeated generation
+calls (a server) pack once. It costs a second copy of the linear weights in memory.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import MethodType
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tunewright import speed
+
+BATCH_HINT = 16  # rows the packed layout is tuned for: a decode step's batch
+
+# layer -> (what the weight was when packed: storage, version, dtype, shape), packed weight
+_packed: weakref.WeakKeyDictionary[nn.Linear, tuple[tuple[object, ...], torch.Tensor]] = weakref.WeakKeyDictionary()
+
+
+def _weight_key(weight: torch.Tensor) -> tuple[object, ...]:
+    return weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape)
+
+
+def packable(weight: torch.Tensor) -> bool:
+    """A CPU weight oneDNN runs natively: fp32, or bf16 on a CPU with bf16 units."""
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    return weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and speed.cpu_has_native_bf16())
+
+
+def packed_weight(layer: nn.Linear) -> torch.Tensor:
+    """The layer's weight in oneDNN's blocked layout, packed again only if the weight changed."""
+    key = _weight_key(layer.weight)
+    cached = _packed.get(layer)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    with torch.no_grad():
+        packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), BATCH_HINT)
+    _packed[layer] = (key, packed)
+    return packed
+
+
+def _prepacked_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    # Inference only: no autograd through the packed kernel, and inputs must match the weight.
+    if (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)) \
+            or x.dtype != self.weight.dtype or not packable(self.weight) or x.device != self.weight.device:
+        return F.linear(x, self.weight, self.bias)
+    return torch.ops.mkldnn._linear_pointwise(x, packed_weight(self), self.bias, "none", [], "")
+
+
+def prepack(model: nn.Module) -> list[nn.Linear]:
+    """Pack every plain `nn.Linear` of `model` that oneDNN can run; returns those layers."""
+    layers = [module for module in model.modules() if type(module) is nn.Linear and packable(module.weight)]
+    for layer in layers:
+        packed_weight(layer)
+    return layers
+
+
+@contextmanager
+def prepacked_linears(model: nn.Module) -> Iterator[None]:
+    """Run `model`'s plain linear layers through their packed weights while inside (CPU inference).
+
+    Subclasses of nn.Linear and adapter layers keep their own forward (an adapter's frozen base
+    layer is a plain nn.Linear, and is packed). Anything that needs gradients falls back to
+    `F.linear`, so training inside this context is unaffected.
+    """
+    try:
+        layers = prepack(model)
+    except RuntimeError:  # a oneDNN build that cannot pack these weights: keep F.linear
+        layers = []
+    for layer in layers:
+        layer.forward = MethodType(_prepacked_forward, layer)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
