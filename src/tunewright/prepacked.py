@@ -18,6 +18,7 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import MethodType
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,7 @@ def _weight_key(weight: torch.Tensor) -> tuple[object, ...]:
 
 def packable(weight: torch.Tensor) -> bool:
     """A CPU weight oneDNN runs natively: fp32, or bf16 on a CPU with bf16 units."""
-    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
         return False
     return weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and speed.cpu_has_native_bf16())
 
@@ -49,7 +50,7 @@ def packed_weight(layer: nn.Linear) -> torch.Tensor:
     if cached is not None and cached[0] == key:
         return cached[1]
     with torch.no_grad():
-        packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), BATCH_HINT)
+        packed = cast(torch.Tensor, torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), BATCH_HINT))
     _packed[layer] = (key, packed)
     return packed
 
@@ -59,7 +60,7 @@ def _prepacked_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)) \
             or x.dtype != self.weight.dtype or not packable(self.weight) or x.device != self.weight.device:
         return F.linear(x, self.weight, self.bias)
-    return torch.ops.mkldnn._linear_pointwise(x, packed_weight(self), self.bias, "none", [], "")
+    return cast(torch.Tensor, torch.ops.mkldnn._linear_pointwise(x, packed_weight(self), self.bias, "none", [], ""))
 
 
 def prepack(model: nn.Module) -> list[nn.Linear]:

@@ -89,6 +89,6 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     Non-reentrant checkpointing works with frozen embeddings (LoRA) without forcing the inputs
     to require gradients.
     """
-    base = base_model(model)
+    base: Any = base_model(model)  # a transformers model: nn.Module's typing does not know these attributes
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base.config.use_cache = False
