@@ -156,3 +156,33 @@ def test_fit_in_fp32_on_cpu_trains_through_packed_weights(monkeypatch: pytest.Mo
     result = train.fit(objective, examples, [], cfg, Accelerator(cpu=True), pad_id=0, show_progress=False)
     assert entered == [objective] and result.steps == 2
     assert all(record["loss"] is not None for record in result.history)
+
+
+def test_fused_lm_head_loss_runs_on_the_packed_head(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside the context, the fused loss multiplies by the packed head: same loss and gradient (fp32)."""
+    from tunewright import lm_loss
+
+    torch.manual_seed(0)
+    head = nn.Linear(24, 300, bias=False).requires_grad_(False)
+    targets = torch.randint(0, 300, (40,))
+    hidden = torch.randn(40, 24)
+
+    def loss_and_grad() -> tuple[float, torch.Tensor]:
+        leaf = hidden.clone().requires_grad_()
+        loss, _ = lm_loss.linear_cross_entropy(leaf, head, targets, want_correct=False)
+        loss.backward()
+        return loss.item(), leaf.grad
+
+    plain_loss, plain_grad = loss_and_grad()
+    used = []
+
+    def spy(layer: nn.Module, x: torch.Tensor):  # noqa: ANN202
+        used.append(prepacked.packed_matmuls(layer, x))
+        return used[-1]
+
+    monkeypatch.setattr(lm_loss, "packed_matmuls", spy)
+    with packed_frozen_linears(head):
+        packed_loss, packed_grad = loss_and_grad()
+    assert used and used[-1] is not None
+    assert packed_loss == pytest.approx(plain_loss, rel=1e-6)
+    assert (packed_grad - plain_grad).norm() <= 1e-5 * plain_grad.norm()

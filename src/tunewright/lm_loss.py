@@ -10,18 +10,23 @@ the backward pass just scales it. The chunks bound the memory at CHUNK_ELEMENTS 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from tunewright.prepacked import packed_matmuls
+
 CHUNK_ELEMENTS = 1 << 25  # logits per chunk (128 MiB in fp32)
 
 
-def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+Matmul = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor,
                 want_grad: bool, want_correct: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """(loss sum, d loss_sum / d logits if wanted, correct argmax count) of one chunk of rows."""
-    logits = F.linear(hidden, weight, bias)  # (n, V), in the autocast dtype if any
+    """(loss sum, d loss_sum / d logits if wanted, correct argmax count) of one chunk's (n, V) logits."""
     # One fused kernel reads the logits once and writes fp32 probabilities, instead of separate
     # passes for upcast, shift, exp, sum and divide over the (n, V) tensor.
     probabilities = torch.softmax(logits, dim=-1, dtype=torch.float32)
@@ -40,7 +45,8 @@ def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                targets: torch.Tensor, want_correct: bool, grad_enabled: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                targets: torch.Tensor, want_correct: bool, grad_enabled: bool,
+                packed: tuple[Matmul, Matmul] | None) -> tuple[torch.Tensor, torch.Tensor]:
         # Under no_grad a trained head's weight still "needs" a gradient: skip it (evaluation).
         need_hidden, need_weight = (grad_enabled and flag for flag in ctx.needs_input_grad[:2])
         need_bias = bias is not None and grad_enabled and ctx.needs_input_grad[2]
@@ -59,14 +65,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias and bias is not None else None
         for start in range(0, hidden.shape[0], rows):
             chunk = hidden[start : start + rows]
-            loss, grad_logits, chunk_correct = _chunk_loss(chunk, weight, bias, targets[start : start + rows],
+            # (n, V) in the autocast dtype if any; packed: the same fp32 product on oneDNN (prepacked.py)
+            logits = F.linear(chunk, weight, bias) if packed is None else _with_bias(packed[0](chunk), bias)
+            loss, grad_logits, chunk_correct = _chunk_loss(logits, targets[start : start + rows],
                                                            want_grad, want_correct)
             loss_sum += loss
             correct += chunk_correct
             if grad_logits is None:
                 continue
             if grad_hidden is not None:
-                grad_hidden[start : start + rows] = grad_logits.to(weight.dtype) @ weight
+                grad_hidden[start : start + rows] = (grad_logits.to(weight.dtype) @ weight if packed is None
+                                                     else packed[1](grad_logits))
             if grad_weight is not None:
                 grad_weight += grad_logits.T @ chunk.float()
             if grad_bias is not None:
@@ -84,7 +93,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             return None if grad is None else (grad * grad_loss).to(dtype)
 
         return (scaled(grad_hidden, hidden_dtype), scaled(grad_weight, weight_dtype),
-                scaled(grad_bias, weight_dtype), None, None, None)
+                scaled(grad_bias, weight_dtype), None, None, None, None)
+
+
+def _with_bias(logits: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return logits if bias is None else logits.add_(bias)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, lm_head: torch.nn.Linear, targets: torch.Tensor,
@@ -94,5 +107,6 @@ def linear_cross_entropy(hidden: torch.Tensor, lm_head: torch.nn.Linear, targets
     hidden (N, H), targets (N,). The loss is computed in fp32 whatever the weights' dtype.
     """
     loss_sum, correct = _LinearCrossEntropy.apply(  # type: ignore[no-untyped-call]
-        hidden, lm_head.weight, lm_head.bias, targets, want_correct, torch.is_grad_enabled())
+        hidden, lm_head.weight, lm_head.bias, targets, want_correct, torch.is_grad_enabled(),
+        packed_matmuls(lm_head, hidden))
     return loss_sum, correct

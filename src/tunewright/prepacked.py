@@ -20,7 +20,7 @@ for the input gradient, with a second copy packed transposed; trainable layers k
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import MethodType
 from typing import Any, cast
@@ -115,6 +115,29 @@ class _PackedFrozenLinear(torch.autograd.Function):
         return grad_x, None, None, None
 
 
+# layer -> (packed, packed transposed) while a packed_frozen_linears context holds it (for lm_loss)
+_training_packed: weakref.WeakKeyDictionary[nn.Module, tuple[torch.Tensor, torch.Tensor]] = weakref.WeakKeyDictionary()
+
+
+def packed_matmuls(layer: nn.Module, x: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.Tensor],
+                                                                 Callable[[torch.Tensor], torch.Tensor]] | None:
+    """(x -> x W^T, g -> g W) on `layer`'s packed weights, if a packed_frozen_linears context holds
+    it and `x` is what it trains on; None otherwise. For code that multiplies by a layer's weight
+    itself (the fused LM-head loss). The bias is not included."""
+    weights = _training_packed.get(layer)
+    if weights is None or not isinstance(layer, nn.Linear) or not _trains_on_packed_weights(layer, x):
+        return None
+    packed, transposed = weights
+
+    def forward(rows: torch.Tensor) -> torch.Tensor:
+        return cast(torch.Tensor, torch.ops.mkldnn._linear_pointwise(rows, packed, None, "none", [], ""))
+
+    def backward(grad: torch.Tensor) -> torch.Tensor:
+        return cast(torch.Tensor, torch.ops.mkldnn._linear_pointwise(grad, transposed, None, "none", [], ""))
+
+    return forward, backward
+
+
 def _trains_on_packed_weights(layer: nn.Linear, x: torch.Tensor) -> bool:
     """fp32 on CPU, outside autocast, with a frozen weight and bias (only the input may need a gradient)."""
     frozen = not layer.weight.requires_grad and (layer.bias is None or not layer.bias.requires_grad)
@@ -152,8 +175,10 @@ def packed_frozen_linears(model: nn.Module) -> Iterator[None]:
 
     for layer in packed:
         layer.forward = MethodType(forward, layer)  # type: ignore[method-assign]
+        _training_packed[layer] = packed[layer]
     try:
         yield
     finally:
         for layer in packed:
             del layer.forward
+            _training_packed.pop(layer, None)
