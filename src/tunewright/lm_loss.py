@@ -10,18 +10,14 @@ the backward pass just scales it. The chunks bound the memory at CHUNK_ELEMENTS 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from tunewright.prepacked import packed_matmuls
+from tunewright.onednn_training import Matmul, onednn_matmuls
 
 CHUNK_ELEMENTS = 1 << 25  # logits per chunk (128 MiB in fp32)
-
-
-Matmul = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor,
@@ -46,7 +42,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 targets: torch.Tensor, want_correct: bool, grad_enabled: bool,
-                packed: tuple[Matmul, Matmul] | None) -> tuple[torch.Tensor, torch.Tensor]:
+                onednn: tuple[Matmul, Matmul] | None) -> tuple[torch.Tensor, torch.Tensor]:
         # Under no_grad a trained head's weight still "needs" a gradient: skip it (evaluation).
         need_hidden, need_weight = (grad_enabled and flag for flag in ctx.needs_input_grad[:2])
         need_bias = bias is not None and grad_enabled and ctx.needs_input_grad[2]
@@ -65,8 +61,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias and bias is not None else None
         for start in range(0, hidden.shape[0], rows):
             chunk = hidden[start : start + rows]
-            # (n, V) in the autocast dtype if any; packed: the same fp32 product on oneDNN (prepacked.py)
-            logits = F.linear(chunk, weight, bias) if packed is None else _with_bias(packed[0](chunk), bias)
+            # (n, V) in the autocast dtype if any; onednn: the same fp32 product (onednn_training.py)
+            logits = F.linear(chunk, weight, bias) if onednn is None else _with_bias(onednn[0](chunk), bias)
             loss, grad_logits, chunk_correct = _chunk_loss(logits, targets[start : start + rows],
                                                            want_grad, want_correct)
             loss_sum += loss
@@ -74,8 +70,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if grad_logits is None:
                 continue
             if grad_hidden is not None:
-                grad_hidden[start : start + rows] = (grad_logits.to(weight.dtype) @ weight if packed is None
-                                                     else packed[1](grad_logits))
+                grad_hidden[start : start + rows] = (grad_logits.to(weight.dtype) @ weight if onednn is None
+                                                     else onednn[1](grad_logits))
             if grad_weight is not None:
                 grad_weight += grad_logits.T @ chunk.float()
             if grad_bias is not None:
@@ -108,5 +104,5 @@ def linear_cross_entropy(hidden: torch.Tensor, lm_head: torch.nn.Linear, targets
     """
     loss_sum, correct = _LinearCrossEntropy.apply(  # type: ignore[no-untyped-call]
         hidden, lm_head.weight, lm_head.bias, targets, want_correct, torch.is_grad_enabled(),
-        packed_matmuls(lm_head, hidden))
+        onednn_matmuls(lm_head, hidden))
     return loss_sum, correct

@@ -1,4 +1,4 @@
-"""CPU linear layers whose frozen weights are pre-packed once for oneDNN: generation and fp32 training.
+"""CPU inference through linear layers whose weights are pre-packed once for oneDNN.
 
 `F.linear` on CPU hands fp32 matmuls to MKL's sgemm, which re-packs the whole weight at every
 call. At the few rows of a decode step (one new token per prompt) that packing costs more than
@@ -10,20 +10,16 @@ with bf16 units) already go through oneDNN and keep the same bits, about 10% fas
 The packed copy of each weight is kept with its layer until the weight changes (another tensor,
 or an in-place update such as an optimizer step or merging an adapter), so repeated generation
 calls (a server) pack once. It costs a second copy of the linear weights in memory.
-
-The same holds in fp32 training, where PyTorch's matmuls all go to MKL: on AMD CPUs MKL does not
-use AVX-512 and runs at half of oneDNN's fp32 rate (`bench/matmul_limit.py`). `packed_frozen_linears`
-runs every frozen linear layer (a LoRA model's whole base) through oneDNN for the forward pass and
-for the input gradient, with a second copy packed transposed; trainable layers keep `F.linear`.
+fp32 training takes oneDNN too, without packed copies (onednn_training.py).
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from types import MethodType
-from typing import Any, cast
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +28,6 @@ from torch import nn
 from tunewright import speed
 
 BATCH_HINT = 16  # rows the packed layout is tuned for: a decode step's batch
-TRAINING_BATCH_HINT = 512  # and for a training micro-batch's tokens
 
 # layer -> (what the weight was when packed: storage, version, dtype, shape), packed weight
 _packed: weakref.WeakKeyDictionary[nn.Linear, tuple[tuple[object, ...], torch.Tensor]] = weakref.WeakKeyDictionary()
@@ -97,88 +92,3 @@ def prepacked_linears(model: nn.Module) -> Iterator[None]:
         for layer in layers:
             del layer.forward
 
-
-class _PackedFrozenLinear(torch.autograd.Function):
-    """y = x W^T + b for a frozen W, both matmuls on packed weights: x W^T forward, g W backward."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, packed: torch.Tensor, packed_transposed: torch.Tensor,
-                bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.packed_transposed = packed_transposed
-        return cast(torch.Tensor, torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], ""))
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        grad_x = torch.ops.mkldnn._linear_pointwise(grad, ctx.packed_transposed, None, "none", [], "")
-        return grad_x, None, None, None
-
-
-# layer -> (packed, packed transposed) while a packed_frozen_linears context holds it (for lm_loss)
-_training_packed: weakref.WeakKeyDictionary[nn.Module, tuple[torch.Tensor, torch.Tensor]] = weakref.WeakKeyDictionary()
-
-
-def packed_matmuls(layer: nn.Module, x: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.Tensor],
-                                                                 Callable[[torch.Tensor], torch.Tensor]] | None:
-    """(x -> x W^T, g -> g W) on `layer`'s packed weights, if a packed_frozen_linears context holds
-    it and `x` is what it trains on; None otherwise. For code that multiplies by a layer's weight
-    itself (the fused LM-head loss). The bias is not included."""
-    weights = _training_packed.get(layer)
-    if weights is None or not isinstance(layer, nn.Linear) or not _trains_on_packed_weights(layer, x):
-        return None
-    packed, transposed = weights
-
-    def forward(rows: torch.Tensor) -> torch.Tensor:
-        return cast(torch.Tensor, torch.ops.mkldnn._linear_pointwise(rows, packed, None, "none", [], ""))
-
-    def backward(grad: torch.Tensor) -> torch.Tensor:
-        return cast(torch.Tensor, torch.ops.mkldnn._linear_pointwise(grad, transposed, None, "none", [], ""))
-
-    return forward, backward
-
-
-def _trains_on_packed_weights(layer: nn.Linear, x: torch.Tensor) -> bool:
-    """fp32 on CPU, outside autocast, with a frozen weight and bias (only the input may need a gradient)."""
-    frozen = not layer.weight.requires_grad and (layer.bias is None or not layer.bias.requires_grad)
-    return (frozen and x.dtype == layer.weight.dtype == torch.float32 and x.device.type == "cpu"
-            and not torch.is_autocast_enabled("cpu"))
-
-
-@contextmanager
-def packed_frozen_linears(model: nn.Module) -> Iterator[None]:
-    """While inside, `model`'s frozen fp32 CPU `nn.Linear` layers compute through packed weights.
-
-    For fp32 training on CPU. The packed copies (two per layer) are dropped on exit. Anything
-    else (bf16 autocast, a trainable weight, another device) takes the layer's own forward.
-    """
-    layers = [module for module in model.modules() if type(module) is nn.Linear and not module.weight.requires_grad
-              and packable(module.weight) and module.weight.dtype == torch.float32]
-    try:
-        with torch.no_grad():
-            packed = {layer: (torch.ops.mkldnn._reorder_linear_weight(layer.weight, TRAINING_BATCH_HINT),
-                              torch.ops.mkldnn._reorder_linear_weight(layer.weight.t().contiguous(),
-                                                                      TRAINING_BATCH_HINT))
-                      for layer in layers}
-    except RuntimeError:  # a oneDNN build that cannot pack these weights: keep F.linear
-        packed = {}
-
-    def forward(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        if not _trains_on_packed_weights(layer, x):
-            return F.linear(x, layer.weight, layer.bias)
-        weights = packed[layer]
-        # 2-D through the function: oneDNN returns a view for 3-D inputs, and a custom function's
-        # output must not be a view (adapters such as AdaLoRA add to it in place).
-        flat = cast(torch.Tensor, _PackedFrozenLinear.apply(  # type: ignore[no-untyped-call]
-            x.reshape(-1, x.shape[-1]), weights[0], weights[1], layer.bias))
-        return flat.view(*x.shape[:-1], flat.shape[-1])
-
-    for layer in packed:
-        layer.forward = MethodType(forward, layer)  # type: ignore[method-assign]
-        _training_packed[layer] = packed[layer]
-    try:
-        yield
-    finally:
-        for layer in packed:
-            del layer.forward
-            _training_packed.pop(layer, None)

@@ -37,8 +37,8 @@ from tunewright.faults import (
     step_is_finite,
 )
 from tunewright.objective import LossOutput
+from tunewright.onednn_training import onednn_frozen_linears
 from tunewright.packing import collate_micro_batch, group_by_length, supports_packing
-from tunewright.prepacked import packed_frozen_linears
 from tunewright.progress import NullProgress, TrainingProgress
 from tunewright.speed import autocast_for, frozen_weights_in_bf16, mixed_precision_for
 
@@ -311,9 +311,9 @@ def fit(
     if accelerator.device.type == "cpu":
         reuse_freed_memory()
     dropout, norms = fast_dropout(objective), fast_rms_norm(objective)
-    # fp32 on CPU: frozen linear layers on oneDNN's packed weights (MKL skips AVX-512 on AMD CPUs).
+    # fp32 on CPU: frozen linear layers through oneDNN (MKL skips AVX-512 on AMD CPUs).
     fp32_on_cpu = accelerator.device.type == "cpu" and mixed_precision_for(cfg.precision, accelerator.device) != "bf16"
-    linears = packed_frozen_linears(objective) if fp32_on_cpu else nullcontext()
+    linears = onednn_frozen_linears(objective) if fp32_on_cpu else nullcontext()
     parameters = trainable_parameters(objective)
     if not parameters:
         raise TrainingError("nothing to train: no parameter requires a gradient (check the adapter config)")
