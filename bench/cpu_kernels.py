@@ -11,6 +11,10 @@ training benchmark (`train_speed.py`: four samples of 62-150 tokens packed into 
 - `dropout`: `cpu_speed.FastDropout` (a 0/1 factor) against the same mask applied with `masked_fill`;
 - `lm_loss`: the fused LM-head loss (`lm_loss.linear_cross_entropy`, 300 target rows) against
   `lm_head` + `F.cross_entropy` under bf16 autocast;
+- `training_linears` (fp32 training): every frozen linear layer of SmolLM2-135M at 480 rows (a
+  micro-batch), forward and input gradient, through `onednn_training.onednn_frozen_linears`
+  (column-major weights, through autograd as in `fit`) against autograd's `F.linear` (MKL), with
+  the relative error of the input gradient against fp64;
 - `decode_linears` (generation, forward only): every linear layer of SmolLM2-135M (30 x 7 and
   the LM head, each weight read from memory) at the 16 rows of a decode step, through
   `prepacked.prepacked_linears` against `F.linear`, in fp32 (with each one's relative error
@@ -22,6 +26,7 @@ training benchmark (`train_speed.py`: four samples of 62-150 tokens packed into 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -45,10 +50,13 @@ from tunewright.cpu_speed import (  # noqa: E402
     reuse_freed_memory,
 )
 from tunewright.lm_loss import linear_cross_entropy  # noqa: E402
+from tunewright.onednn_training import onednn_frozen_linears  # noqa: E402
 from tunewright.prepacked import packable, prepacked_linears  # noqa: E402
 
 SPANS, HEADS, KV_HEADS, HEAD_DIM, HIDDEN, VOCAB, TARGET_ROWS = [62, 140, 95, 150], 9, 3, 64, 576, 49152, 300
-LAYERS, KV_WIDTH, MLP_WIDTH, DECODE_ROWS = 30, 192, 1536, 16
+LAYERS, KV_WIDTH, MLP_WIDTH, DECODE_ROWS, TRAINING_ROWS = 30, 192, 1536, 16, 480
+LAYER_SHAPES = [(HIDDEN, HIDDEN), (HIDDEN, KV_WIDTH), (HIDDEN, KV_WIDTH), (HIDDEN, HIDDEN),
+                (HIDDEN, MLP_WIDTH), (HIDDEN, MLP_WIDTH), (MLP_WIDTH, HIDDEN)]  # (in, out) per layer
 Step = Callable[[], Any]
 
 
@@ -176,10 +184,37 @@ def decode_linears_at(model: torch.nn.ModuleList, rounds: int) -> dict[str, Any]
     return entry
 
 
+def training_linears(rounds: int) -> dict[str, Any]:
+    model = torch.nn.ModuleList([torch.nn.Linear(i, o, bias=False) for i, o in LAYER_SHAPES * LAYERS]
+                                ).requires_grad_(False)
+    inputs = [torch.randn(TRAINING_ROWS, layer.in_features) for layer in model]
+    grads = [torch.randn(TRAINING_ROWS, layer.out_features) for layer in model]
+
+    def autograd_step(layers: torch.nn.ModuleList = model) -> list[torch.Tensor]:
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        torch.autograd.backward([layer(x) for layer, x in zip(layers, leaves, strict=True)], grads)
+        return [leaf.grad for leaf in leaves]
+
+    ours_model = copy.deepcopy(model)  # re-laid out once for the whole measurement, as in fit
+
+    def ours() -> list[torch.Tensor]:
+        return autograd_step(ours_model)
+
+    exact = [g.double() @ layer.weight.double() for layer, g in zip(model, grads, strict=True)]
+
+    def error(outputs: list[torch.Tensor]) -> float:
+        return max(((o.double() - e).norm() / e.norm()).item() for o, e in zip(outputs, exact, strict=True))
+
+    with onednn_frozen_linears(ours_model):
+        ms = median_ms({"tunewright_onednn": ours, "f_linear_mkl": autograd_step}, rounds, repeats=2)
+        ours_error = error(ours())
+    return {"ms": ms, "speedup_vs_mkl": ms["f_linear_mkl"] / ms["tunewright_onednn"],
+            "input_gradient_relative_error_vs_fp64": {"tunewright_onednn": ours_error,
+                                                      "f_linear_mkl": error(autograd_step())}}
+
+
 def decode_linears(rounds: int) -> dict[str, Any]:
-    layer_shapes = [(HIDDEN, HIDDEN), (HIDDEN, KV_WIDTH), (HIDDEN, KV_WIDTH), (HIDDEN, HIDDEN),
-                    (HIDDEN, MLP_WIDTH), (HIDDEN, MLP_WIDTH), (MLP_WIDTH, HIDDEN)]
-    model = torch.nn.ModuleList([torch.nn.Linear(i, o, bias=False) for i, o in layer_shapes * LAYERS]
+    model = torch.nn.ModuleList([torch.nn.Linear(i, o, bias=False) for i, o in LAYER_SHAPES * LAYERS]
                                 + [torch.nn.Linear(HIDDEN, VOCAB, bias=False)]).requires_grad_(False)
     result = {"fp32": decode_linears_at(model, rounds)}
     if packable(model[0].weight.to(torch.bfloat16)):  # a CPU with bf16 units
@@ -197,7 +232,7 @@ def main() -> None:
     reuse_freed_memory()  # as in training (fit calls it on CPU)
     result = {name: measure(args.rounds) for name, measure in
               (("attention", attention), ("rms_norm", rms_norm), ("dropout", dropout), ("lm_loss", lm_loss),
-               ("decode_linears", decode_linears))}
+               ("training_linears", training_linears), ("decode_linears", decode_linears))}
     for name, figures in result.items():
         print(name, {key: (round(value, 3) if isinstance(value, float) else value) for key, value in figures.items()})
     save_json(result, args.out)
