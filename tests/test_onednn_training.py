@@ -132,3 +132,16 @@ def test_weights_are_relaid_in_place_and_restored(tiny_model) -> None:
         assert torch.equal(layer.weight, before["model.layers.0.mlp.down_proj.weight"])
     for name, parameter in tiny_model.named_parameters():
         assert parameter.is_contiguous() and torch.equal(parameter, before[name]), name
+
+
+def test_contexts_nest_and_restore_each_others_forward() -> None:
+    """Generating inside training (packed inference forwards) hands the layers back to training's forward."""
+    from tunewright.prepacked import prepacked_linears
+
+    layer = nn.Linear(8, 4).requires_grad_(False)
+    with onednn_frozen_linears(layer):
+        training_forward = vars(layer)["forward"]
+        with torch.inference_mode(), prepacked_linears(layer):
+            assert vars(layer)["forward"] is not training_forward
+        assert vars(layer)["forward"] is training_forward
+    assert "forward" not in vars(layer)

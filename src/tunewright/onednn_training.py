@@ -23,14 +23,13 @@ import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from types import MethodType
 from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunewright.prepacked import packable
+from tunewright.prepacked import instance_forwards, packable
 
 Matmul = Callable[[torch.Tensor], torch.Tensor]
 
@@ -95,13 +94,11 @@ def onednn_frozen_linears(model: nn.Module) -> Iterator[None]:
     try:
         for weight in relaid:
             weight.data = weight.data.t().contiguous().t()  # column-major, same values and shape
-        for layer in layers:
-            layer.forward = MethodType(_forward, layer)  # type: ignore[method-assign]
-            _active.add(layer)
-        yield
+        _active.update(layers)
+        with instance_forwards(layers, _forward):
+            yield
     finally:
         for layer in layers:
-            layer.__dict__.pop("forward", None)
             _active.discard(layer)
         for weight in relaid:
             weight.data = weight.data.contiguous()

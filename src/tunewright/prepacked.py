@@ -1,11 +1,12 @@
 """CPU inference through linear layers whose weights are pre-packed once for oneDNN.
 
-`F.linear` on CPU hands fp32 matmuls to MKL's sgemm, which re-packs the whole weight at every
-call. At the few rows of a decode step (one new token per prompt) that packing costs more than
-the multiply: all of SmolLM2-135M's linear layers at 16 rows take 73 ms that way and 28 ms with
-weights packed once (`bench/cpu_kernels.py`). The packed kernel is a true fp32 kernel (error
-against fp64 3.8e-7, sgemm's 2.5e-7); only its summation order differs. bf16 weights (on CPUs
-with bf16 units) already go through oneDNN and keep the same bits, about 10% faster packed.
+`F.linear` on CPU hands fp32 matmuls to MKL's sgemm, which does not use AVX-512 on AMD CPUs,
+and at the few rows of a decode step (one new token per prompt) it is slower still. All of
+SmolLM2-135M's linear layers at 16 rows take 69 ms that way and 29 ms through oneDNN with
+weights packed once (`bench/cpu_kernels.py`, `decode_linears`). The packed kernel is a true fp32
+kernel (largest relative error against fp64 5.3e-7, sgemm's 2.6e-7); only its summation order
+differs. bf16 weights (on CPUs with bf16 units) already go through oneDNN and keep the same
+bits, about 1.3x faster packed.
 
 The packed copy of each weight is kept with its layer until the weight changes (another tensor,
 or an in-place update such as an optimizer step or merging an adapter), so repeated generation
@@ -16,7 +17,7 @@ fp32 training takes oneDNN too, without packed copies (onednn_training.py).
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import MethodType
 from typing import cast
@@ -84,11 +85,24 @@ def prepacked_linears(model: nn.Module) -> Iterator[None]:
         layers = prepack(model)
     except RuntimeError:  # a oneDNN build that cannot pack these weights: keep F.linear
         layers = []
+    with instance_forwards(layers, _prepacked_forward):
+        yield
+
+
+@contextmanager
+def instance_forwards(layers: list[nn.Linear], forward: Callable[[nn.Linear, torch.Tensor], torch.Tensor]
+                      ) -> Iterator[None]:
+    """Give each layer `forward` as its own forward while inside; put back whatever it had before
+    (another context's forward, or none), so such contexts nest."""
+    previous = [layer.__dict__.get("forward") for layer in layers]
     for layer in layers:
-        layer.forward = MethodType(_prepacked_forward, layer)  # type: ignore[method-assign]
+        layer.forward = MethodType(forward, layer)  # type: ignore[method-assign]
     try:
         yield
     finally:
-        for layer in layers:
-            del layer.forward
+        for layer, before in zip(layers, previous, strict=True):
+            if before is None:
+                del layer.forward
+            else:
+                layer.forward = before  # type: ignore[method-assign]
 
