@@ -54,14 +54,18 @@ def test_varlen_hidden_states_equal_masked_and_separate(tiny_model, examples) ->
     assert torch.allclose(varlen, alone, atol=1e-5)
 
 
-def test_varlen_gradients_equal_padded(tiny_model, examples) -> None:
-    objective = lora_objective(tiny_model)
+def assert_packed_gradients_equal_padded(objective, examples: list[Example]) -> None:
+    """Loss and LoRA gradients of one packed row (varlen attention) equal those of padded rows."""
     with packed_attention(objective.model):
         packed_loss, packed_grads = gradients(objective, collate_packed(examples, pad_id=0))
         padded_loss, padded_grads = gradients(objective, collate_training(examples, pad_id=0))
     assert packed_loss == pytest.approx(padded_loss, rel=1e-6)
     for name, grad in padded_grads.items():
         assert torch.linalg.norm(packed_grads[name] - grad) <= GRAD_RTOL * torch.linalg.norm(grad), name
+
+
+def test_varlen_gradients_equal_padded(tiny_model, examples) -> None:
+    assert_packed_gradients_equal_padded(lora_objective(tiny_model), examples)
 
 
 def test_padded_batches_keep_their_mask_under_varlen(tiny_model) -> None:
@@ -257,10 +261,4 @@ def test_packed_rows_keep_the_sliding_window(examples, precision: str) -> None:
 
 def test_packed_gradients_keep_the_sliding_window(examples) -> None:
     """LoRA gradients of packed rows equal padded rows' (transformers' own sliding-window mask)."""
-    objective = lora_objective(_tiny_sliding_window_model(window=4))
-    with packed_attention(objective.model):
-        packed_loss, packed_grads = gradients(objective, collate_packed(examples, pad_id=0))
-    padded_loss, padded_grads = gradients(objective, collate_training(examples, pad_id=0))
-    assert packed_loss == pytest.approx(padded_loss, rel=1e-6)
-    for name, grad in padded_grads.items():
-        assert torch.linalg.norm(packed_grads[name] - grad) <= GRAD_RTOL * torch.linalg.norm(grad), name
+    assert_packed_gradients_equal_padded(lora_objective(_tiny_sliding_window_model(window=4)), examples)

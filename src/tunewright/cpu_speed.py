@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from types import MethodType
 from typing import Any, cast
@@ -162,11 +162,24 @@ def fast_rms_norm(model: nn.Module) -> Iterator[None]:
     A trainable norm weight (full fine-tuning), no_grad and other devices keep the module's own forward.
     The instances' forward is overridden, and the override removed afterwards.
     """
-    norms = [module for module in model.modules() if _is_llama_rms_norm(module)]
-    for module in norms:
-        module.forward = MethodType(_fast_rms_norm_forward, module)
+    with instance_forwards([module for module in model.modules() if _is_llama_rms_norm(module)],
+                           _fast_rms_norm_forward):
+        yield
+
+
+@contextmanager
+def instance_forwards(modules: Sequence[nn.Module], forward: Callable[[Any, torch.Tensor], torch.Tensor]
+                      ) -> Iterator[None]:
+    """Give each module `forward` as its own forward while inside; put back whatever it had before
+    (another context's forward, or none), so such contexts nest."""
+    previous = [module.__dict__.get("forward") for module in modules]
+    for module in modules:
+        module.forward = MethodType(forward, module)
     try:
         yield
     finally:
-        for module in norms:
-            del module.forward
+        for module, before in zip(modules, previous, strict=True):
+            if before is None:
+                del module.forward
+            else:
+                module.forward = before

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunewright.prepacked import instance_forwards, packable
+from tunewright.cpu_speed import instance_forwards
+from tunewright.prepacked import packable
 
 Matmul = Callable[[torch.Tensor], torch.Tensor]
 

@@ -17,9 +17,8 @@ fp32 training takes oneDNN too, without packed copies (onednn_training.py).
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from types import MethodType
 from typing import cast
 
 import torch
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunewright import speed
+from tunewright.cpu_speed import instance_forwards
 
 BATCH_HINT = 16  # rows the packed layout is tuned for: a decode step's batch
 
@@ -59,8 +59,9 @@ def packed_weight(layer: nn.Linear) -> torch.Tensor:
 
 def _prepacked_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     # Inference only: no autograd through the packed kernel, and inputs must match the weight.
+    # (packable() was checked when the context was entered; a weight moved off the CPU since is not.)
     if (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)) \
-            or x.dtype != self.weight.dtype or not packable(self.weight) or x.device != self.weight.device:
+            or x.dtype != self.weight.dtype or self.weight.device.type != "cpu" or x.device != self.weight.device:
         return F.linear(x, self.weight, self.bias)
     return cast(torch.Tensor, torch.ops.mkldnn._linear_pointwise(x, packed_weight(self), self.bias, "none", [], ""))
 
@@ -87,22 +88,4 @@ def prepacked_linears(model: nn.Module) -> Iterator[None]:
         layers = []
     with instance_forwards(layers, _prepacked_forward):
         yield
-
-
-@contextmanager
-def instance_forwards(layers: list[nn.Linear], forward: Callable[[nn.Linear, torch.Tensor], torch.Tensor]
-                      ) -> Iterator[None]:
-    """Give each layer `forward` as its own forward while inside; put back whatever it had before
-    (another context's forward, or none), so such contexts nest."""
-    previous = [layer.__dict__.get("forward") for layer in layers]
-    for layer in layers:
-        layer.forward = MethodType(forward, layer)  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        for layer, before in zip(layers, previous, strict=True):
-            if before is None:
-                del layer.forward
-            else:
-                layer.forward = before  # type: ignore[method-assign]
 
