@@ -9,7 +9,15 @@ from transformers import GenerationConfig
 from tunewright.adapters import attach_adapter
 from tunewright.config import AdapterConfig, GenerationSettings
 from tunewright.data import collate_prompts
-from tunewright.generate import generate_ids, greedy_decode, prompt_positions, trim_at_stop, uses_greedy_loop
+from tunewright.generate import (
+    generate_ids,
+    greedy_decode,
+    packed_prefill,
+    packed_prefill_applies,
+    prompt_positions,
+    trim_at_stop,
+    uses_greedy_loop,
+)
 
 PROMPTS = ["hi", "a much longer prompt about cats", "dogs?", "x", "the sea is red and the owl", "ink fig"]
 
@@ -64,8 +72,11 @@ def test_batch_shrinks_once_half_the_rows_have_stopped(tiny_model, tokenizer, pr
     stop_ids = {tokenizer.eos_token_id} | {first[row][1] for row in range(4)}  # rows 0-3 stop by step 2
     expected = reference_tokens(tiny_model, tokenizer, prompt_ids, 12, stop_ids)
     batch_sizes: list[int] = []
-    hook = tiny_model.register_forward_pre_hook(
-        lambda _, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    def record_decode_step(_, args, kwargs) -> None:  # one new token per row (the prefill is one packed row)
+        if kwargs["input_ids"].shape[1] == 1:
+            batch_sizes.append(kwargs["input_ids"].shape[0])
+
+    hook = tiny_model.register_forward_pre_hook(record_decode_step, with_kwargs=True)
     batch = collate_prompts(prompt_ids, tokenizer.pad_token_id)
     try:
         ours = greedy_decode(tiny_model, batch["input_ids"], batch["attention_mask"], 12, stop_ids)
@@ -108,3 +119,44 @@ def test_sampling_still_goes_through_generate(tiny_model, tokenizer, prompt_ids)
     settings = GenerationSettings(max_new_tokens=4, do_sample=True, temperature=0.8, top_k=20)
     outputs = generate_ids(tiny_model, tokenizer, prompt_ids, settings)
     assert len(outputs) == len(prompt_ids) and all(len(tokens) <= 4 for tokens in outputs)
+
+
+def test_packed_prefill_gives_the_padded_prefills_logits_and_cache(tiny_model, tokenizer, prompt_ids) -> None:
+    batch = collate_prompts(prompt_ids, tokenizer.pad_token_id)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert packed_prefill_applies(tiny_model, mask)
+    with torch.inference_mode():
+        padded = tiny_model(input_ids=ids, attention_mask=mask, position_ids=prompt_positions(mask), use_cache=True,
+                            logits_to_keep=1)
+        logits, cache = packed_prefill(tiny_model, ids, mask)
+    torch.testing.assert_close(logits, padded.logits[:, -1], rtol=1e-5, atol=1e-5)
+    real = mask.bool()[:, None, :, None]  # (B, 1, T, 1): padding slots hold zeros, the rest the same keys
+    for ours, theirs in zip(cache.layers, padded.cache.layers, strict=True):
+        for name in ("keys", "values"):
+            assert getattr(ours, name).shape == getattr(theirs, name).shape
+            torch.testing.assert_close(getattr(ours, name) * real, getattr(theirs, name) * real, rtol=1e-5, atol=1e-5)
+            assert not getattr(ours, name).masked_select(~real).any()
+
+
+def test_packed_prefill_only_where_it_pays_and_attends_per_prompt(tiny_model, tokenizer, prompt_ids) -> None:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    mask = collate_prompts(prompt_ids, tokenizer.pad_token_id)["attention_mask"]
+    assert not packed_prefill_applies(tiny_model, torch.ones_like(mask))  # no padding to save
+    assert not packed_prefill_applies(tiny_model, mask[:1])  # one row
+    windowed = MistralForCausalLM(MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                sliding_window=4, pad_token_id=0))
+    assert not packed_prefill_applies(windowed, mask)  # its cache keeps a window only
+    tiny_model.set_attn_implementation("eager")  # would attend across prompts in one row
+    assert not packed_prefill_applies(tiny_model, mask)
+
+
+def test_greedy_tokens_with_packed_prefill_equal_generate_over_long_and_short_prompts(tiny_model, tokenizer) -> None:
+    prompt_ids = [list(range(3, 3 + length)) for length in (31, 2, 17, 1, 9)]  # mostly padding in short rows
+    batch = collate_prompts(prompt_ids, tokenizer.pad_token_id)
+    assert packed_prefill_applies(tiny_model, batch["attention_mask"])
+    stop_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    ours = greedy_decode(tiny_model, batch["input_ids"], batch["attention_mask"], 8, stop_ids)
+    assert [trim_at_stop(row, stop_ids) for row in ours] == reference_tokens(tiny_model, tokenizer, prompt_ids, 8,
+                                                                            stop_ids)
