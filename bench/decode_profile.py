@@ -6,7 +6,10 @@ Measures, on smollm2-135m (fp32) with the same 16 Alpaca prompts as bench/genera
   median of 8 steps, and the weight-read rate it implies (every step reads all the weights);
 - where a decode step's time goes at batch 1 and 16 (profiler self time: matmuls, KV-cache cat,
   attention);
-- the machine's memory read bandwidth (summing a 1 GiB fp32 tensor) and fp32 matmul limit.
+- the machine's memory read bandwidth (summing a 1 GiB fp32 tensor) and fp32 matmul limit;
+- tunewright's own pieces, on its packed weights (`prepacked.py`): the prefill padded and packed
+  (`generate.packed_prefill`, alternating), a decode step at 16 rows, and that step's linear layers
+  alone; the floor of tunewright's run is its packed prefill + 31 steps of nothing but the linears.
 
 Together they give the floor of a 32-token batched run and show how far the kernels are from it.
 `--dtype bfloat16` profiles the model with bf16 weights against the bf16 matmul limit.
@@ -21,15 +24,17 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from tunewright.config import BackendConfig
 from tunewright.data import collate_prompts, encode_prompts
-from tunewright.generate import prompt_positions
+from tunewright.generate import packed_prefill, prompt_positions
 from tunewright.model import load_base_model
+from tunewright.prepacked import prepacked_linears
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generate_speed import alpaca_prompts  # noqa: E402
@@ -105,6 +110,34 @@ def prefill_seconds(model, batch: dict[str, torch.Tensor], repeats: int = 3) -> 
     return min(times)
 
 
+def seconds_of(work: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    work()
+    return time.perf_counter() - started
+
+
+@torch.inference_mode()
+def tunewright_budget(model, batch: dict[str, torch.Tensor], rounds: int = 3) -> dict[str, float]:
+    """tunewright's generation pieces on its packed weights (medians; the prefills alternate)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with prepacked_linears(model):
+        padded = lambda: model(input_ids=ids, attention_mask=mask, position_ids=prompt_positions(mask),  # noqa: E731
+                               use_cache=True, logits_to_keep=1)
+        packed = lambda: packed_prefill(model, ids, mask)  # noqa: E731
+        padded(), packed()  # warm-up
+        times = [(seconds_of(padded), seconds_of(packed)) for _ in range(rounds)]
+        step = decode_step_seconds(model, batch)
+        linears = [module for module in model.modules() if type(module) is nn.Linear]
+        inputs = {layer: torch.randn(len(ids), layer.in_features) for layer in linears}
+        linears_s = statistics.median(seconds_of(lambda: [layer(inputs[layer]) for layer in linears])
+                                      for _ in range(5))
+    padded_s, packed_s = (statistics.median(column) for column in zip(*times, strict=True))
+    return {"prefill_padded_s": padded_s, "prefill_packed_s": packed_s, "prefill_packed_speedup": padded_s / packed_s,
+            "decode_step_ms": step * 1e3, "decode_linears_ms": linears_s * 1e3,
+            "decode_other_ms": (step - linears_s) * 1e3, "run_floor_s_32_tokens": packed_s + 31 * linears_s,
+            "run_estimate_s_32_tokens": packed_s + 31 * step}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -127,6 +160,7 @@ def main() -> None:
              for size in BATCH_SIZES}
     breakdown = {size: decode_step_breakdown_ms(model, collate_prompts(prompt_ids[:size], tokenizer.pad_token_id))
                  for size in (1, 16)}
+    ours = tunewright_budget(model, batch)
     bandwidth = read_bandwidth_gb_s()
     matmul = measure(2)
 
@@ -144,6 +178,7 @@ def main() -> None:
         "decode_step_floor_ms_batch16": floor_step * 1e3,
         "run_floor_s_32_tokens": prefill + 31 * floor_step,
         "run_measured_kernels_s_32_tokens": prefill + 31 * steps[16],
+        "tunewright": ours,
     }
     print(json.dumps(report, indent=1))
     save_json(report, args.out)
