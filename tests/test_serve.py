@@ -657,6 +657,39 @@ def test_cancelled_row_stops_generating(served: Fixture) -> None:
     assert not any(isinstance(event, Finished) for event in events)
 
 
+def test_greedy_batches_run_our_loop_with_the_same_rows_as_generate(served: Fixture, monkeypatch) -> None:
+    """Per-row limits, stop strings and streaming give the same events through the greedy loop
+    (packed prefill, finished rows leave the batch) as through `generate`."""
+    from tunewright import engine, generate
+
+    tokenizer = served.models["beta"].tuned.tokenizer
+    settings = GenerationSettings(max_new_tokens=12)
+    prompt_ids = encode_prompts(["say dog:", "say a cat and an owl:", "x", "say sun:"], tokenizer)
+
+    def events_of_one_batch(stop: tuple[str, ...]) -> list[list[Any]]:
+        events: list[list[Any]] = [[] for _ in prompt_ids]
+        jobs = [GenerationJob(served.models["beta"], ids, limit, settings, events[index].append, index=index,
+                              stop=stop if index == 0 else (), stream=index == 3)
+                for index, (ids, limit) in enumerate(zip(prompt_ids, [12, 3, 12, 7], strict=True))]
+        run_generation(jobs)
+        return events
+
+    calls: list[int] = []
+    monkeypatch.setattr(engine, "greedy_decode", lambda *args, **kwargs: calls.append(1) or
+                        generate.greedy_decode(*args, **kwargs))
+    first_text = events_of_one_batch(())[0][-1].text
+    stop = (first_text[3:5],)  # row 0 stops inside its answer
+    ours = events_of_one_batch(stop)
+    monkeypatch.setattr(engine, "uses_greedy_loop", lambda model, settings: False)
+    theirs = events_of_one_batch(stop)
+    assert calls == [1, 1] and ours == theirs
+    finished = [row[-1] for row in ours]
+    assert all(isinstance(event, Finished) for event in finished)
+    assert finished[0].finish_reason == "stop" and finished[0].text == first_text[: first_text.index(stop[0])]
+    assert finished[1].completion_tokens <= 3 and finished[3].completion_tokens <= 7
+    assert any(isinstance(event, Delta) for event in ours[3])
+
+
 @dataclass(eq=False)
 class Item:
     key: str | None

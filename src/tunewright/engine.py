@@ -1,8 +1,9 @@
 """Serving work: generation jobs run as one left-padded batch, with per-row limits and streaming.
 
-A batch is one `model.generate` call. A stopping criterion sees each new token of every row:
-it ends a row at EOS, at a stop string, at the row's own `max_tokens` or when its client has
-gone, and it streams the row's new text as it grows. The final text of a row is the same
+A greedy batch runs tunewright's greedy loop (generate.greedy_decode), any other one `model.generate`.
+Each new token of every row goes to its `RowState` (through the loop's `on_token`, or a stopping
+criterion): it ends a row at EOS, at a stop string, at the row's own `max_tokens` or when its
+client has gone, and it streams the row's new text as it grows. The final text of a row is the same
 whether it was streamed or not, because both come from the same `RowState`.
 """
 
@@ -22,7 +23,7 @@ from tunewright import api
 from tunewright.config import GenerationSettings
 from tunewright.data import collate_prompts
 from tunewright.errors import TunewrightError
-from tunewright.generate import stop_token_ids, to_generation_config
+from tunewright.generate import greedy_decode, stop_token_ids, to_generation_config, uses_greedy_loop
 from tunewright.pool import ServedModel
 from tunewright.prepacked import prepacked_linears
 
@@ -242,7 +243,11 @@ def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
 
 
 def run_generation(jobs: list[GenerationJob]) -> None:
-    """Generate every job's row in one left-padded batch (all jobs share model and sampling settings)."""
+    """Generate every job's row in one left-padded batch (all jobs share model and sampling settings).
+
+    Plain greedy batches run tunewright's greedy loop (packed prefill, finished rows leave the
+    batch); sampling and beams run `generate`.
+    """
     first = jobs[0]
     tokenizer = first.model.tuned.tokenizer
     stop_ids = stop_token_ids(tokenizer)
@@ -254,8 +259,19 @@ def run_generation(jobs: list[GenerationJob]) -> None:
         device = next(model.parameters()).device
         padded = collate_prompts([job.prompt_ids for job in jobs], tokenizer.pad_token_id)
         batch = {name: tensor.to(device) for name, tensor in padded.items()}  # (B, T)
-        criteria = StoppingCriteriaList([RowTracker(rows)]) if track else None
         kernels = prepacked_linears(model) if device.type == "cpu" else nullcontext()  # packed once per model
+        if uses_greedy_loop(model, first.settings):
+            def push(row: int, token: int) -> bool:  # True once the row is done (stop, limit, client gone)
+                rows[row].push(token)
+                return rows[row].finished
+
+            with torch.inference_mode(), kernels:
+                greedy_decode(model, batch["input_ids"], batch["attention_mask"], config.max_new_tokens, stop_ids,
+                              on_token=push)
+            for row in rows:
+                row.close()
+            return
+        criteria = StoppingCriteriaList([RowTracker(rows)]) if track else None
         with seeded(first.seed, device), torch.inference_mode(), kernels:
             output = model.generate(**batch, generation_config=config, stopping_criteria=criteria)
     if not track:

@@ -16,7 +16,7 @@ compare every token with `generate` on F.linear.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -121,8 +121,13 @@ def packed_prefill(model: nn.Module, input_ids: torch.Tensor,
 
 @torch.inference_mode()
 def greedy_decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  max_new_tokens: int, stop_ids: set[int]) -> list[list[int]]:
+                  max_new_tokens: int, stop_ids: set[int],
+                  on_token: Callable[[int, int], bool] | None = None) -> list[list[int]]:
     """Greedy new tokens of each left-padded row, up to and including its first stop token.
+
+    `on_token(row, token)`, if given, sees each new token of each running row as it is chosen
+    and returns True when that row is finished (the server's stop strings, per-row limits,
+    streaming and cancelled clients); a finished row leaves like a stopped one.
 
     Each step feeds only the newest token against the KV cache and computes logits for it alone.
     Rows that emitted a stop token ride along until at most half the batch is still live; then
@@ -144,10 +149,12 @@ def greedy_decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     stop = torch.tensor(sorted(stop_ids), device=input_ids.device)
     for step in range(max_new_tokens):
         tokens = logits.argmax(dim=-1)  # (b,)
+        finished = []
         for row, token, running in zip(rows.tolist(), tokens.tolist(), live.tolist(), strict=True):
             if running:
                 results[row].append(token)
-        live = live & ~torch.isin(tokens, stop)
+            finished.append(running and on_token is not None and on_token(row, token))
+        live = live & ~torch.isin(tokens, stop) & ~torch.tensor(finished, device=live.device)
         live_count = int(live.sum())
         if step == max_new_tokens - 1 or live_count == 0:
             break
