@@ -268,16 +268,14 @@ def run_generation(jobs: list[GenerationJob]) -> None:
             with torch.inference_mode(), kernels:
                 greedy_decode(model, batch["input_ids"], batch["attention_mask"], config.max_new_tokens, stop_ids,
                               on_token=push)
-            for row in rows:
-                row.close()
-            return
-        criteria = StoppingCriteriaList([RowTracker(rows)]) if track else None
-        with seeded(first.seed, device), torch.inference_mode(), kernels:
-            output = model.generate(**batch, generation_config=config, stopping_criteria=criteria)
-    if not track:
-        for row, tokens in zip(rows, output[:, batch["input_ids"].shape[1] :].tolist(), strict=True):
-            for token in tokens:
-                row.push(token)
+        else:
+            criteria = StoppingCriteriaList([RowTracker(rows)]) if track else None
+            with seeded(first.seed, device), torch.inference_mode(), kernels:
+                output = model.generate(**batch, generation_config=config, stopping_criteria=criteria)
+            if not track:
+                for row, tokens in zip(rows, output[:, batch["input_ids"].shape[1] :].tolist(), strict=True):
+                    for token in tokens:
+                        row.push(token)
     for row in rows:
         row.close()
 

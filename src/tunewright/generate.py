@@ -149,12 +149,15 @@ def greedy_decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     stop = torch.tensor(sorted(stop_ids), device=input_ids.device)
     for step in range(max_new_tokens):
         tokens = logits.argmax(dim=-1)  # (b,)
-        finished = []
+        finished = []  # rows that on_token ends
         for row, token, running in zip(rows.tolist(), tokens.tolist(), live.tolist(), strict=True):
             if running:
                 results[row].append(token)
             finished.append(running and on_token is not None and on_token(row, token))
-        live = live & ~torch.isin(tokens, stop) & ~torch.tensor(finished, device=live.device)
+        stopped = torch.isin(tokens, stop)
+        if any(finished):
+            stopped |= torch.tensor(finished, device=stopped.device)
+        live = live & ~stopped
         live_count = int(live.sum())
         if step == max_new_tokens - 1 or live_count == 0:
             break
