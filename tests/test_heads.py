@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tunewright import heads
 from tunewright.config import OutputFeature
 from tunewright.data import IGNORE_INDEX, collate_training
 from tunewright.errors import DataError, RunFolderError
@@ -128,6 +129,22 @@ def test_single_token_labels_need_only_the_prompt_pass(tiny_model, tokenizer):
     label_ids = encode_labels(tokenizer, ["a", "b", "c", "d"])
     batched = score_labels(tiny_model, prompt_ids, label_ids, tokenizer.pad_token_id, "sum")
     assert torch.allclose(batched, brute_force_scores(tiny_model, prompt_ids, label_ids, "sum"), atol=1e-4)
+
+
+@pytest.mark.parametrize("labels", [LABELS, ["a", "b", "c", "d"]])
+def test_label_scoring_prefill_packs_the_prompts_with_the_padded_scores(tiny_model, tokenizer, monkeypatch, labels):
+    """The prompts' pass runs packed (no padding work), and multi-token labels continue on its re-laid cache."""
+    prompt_ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    label_ids = encode_labels(tokenizer, labels)
+    packed_calls = []
+    original = heads.packed_prefill
+    monkeypatch.setattr(heads, "packed_prefill", lambda *args: packed_calls.append(1) or original(*args))
+    packed = score_labels(tiny_model, prompt_ids, label_ids, tokenizer.pad_token_id, "sum")
+    assert packed_calls == [1]
+    monkeypatch.setattr(heads, "packed_prefill_applies", lambda model, mask: False)
+    padded = score_labels(tiny_model, prompt_ids, label_ids, tokenizer.pad_token_id, "sum")
+    assert packed_calls == [1]
+    assert torch.allclose(packed, padded, atol=1e-5)
 
 
 @pytest.mark.parametrize(

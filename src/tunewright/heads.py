@@ -27,6 +27,7 @@ from torch import nn
 from tunewright.config import OutputFeature
 from tunewright.data import IGNORE_INDEX, Example, collate_prompts
 from tunewright.errors import DataError, RunFolderError
+from tunewright.generate import packed_prefill, packed_prefill_applies, prompt_positions
 from tunewright.objective import LossOutput, causal_lm_parts, hidden_states, uses_virtual_tokens
 
 log = logging.getLogger(__name__)
@@ -233,16 +234,21 @@ def _score_with_cache(
     decoder, lm_head = causal_lm_parts(model)
     device = lm_head.weight.device
     batch = collate_prompts(prompt_ids, pad_id)
+    prompt_input_ids = batch["input_ids"].to(device)
     prompt_mask = batch["attention_mask"].to(device)  # (B, P), left-padded
     prompt_lens = prompt_mask.sum(dim=-1)  # (B,)
     cache_key = cache_argument(decoder)
-    output = decoder(
-        input_ids=batch["input_ids"].to(device),
-        attention_mask=prompt_mask,
-        position_ids=(prompt_mask.cumsum(dim=-1) - 1).clamp(min=0),
-        use_cache=True,
-    )
-    first_log_probs = lm_head(output.last_hidden_state[:, -1]).float().log_softmax(dim=-1)  # (B, V)
+    if packed_prefill_applies(model, prompt_mask):  # the same logits and cache without the padding work
+        first_logits, cache = packed_prefill(model, prompt_input_ids, prompt_mask)
+    else:
+        output = decoder(
+            input_ids=prompt_input_ids,
+            attention_mask=prompt_mask,
+            position_ids=prompt_positions(prompt_mask),
+            use_cache=True,
+        )
+        first_logits, cache = lm_head(output.last_hidden_state[:, -1]), getattr(output, cache_key)
+    first_log_probs = first_logits.float().log_softmax(dim=-1)  # (B, V)
     scores = first_log_probs[:, [label[0] for label in label_ids]]  # (B, L)
     width = max(len(label) for label in label_ids) - 1
     if width == 0:
@@ -256,7 +262,6 @@ def _score_with_cache(
         targets[row, : len(label) - 1] = torch.tensor(label[1:])
     inputs, targets = inputs.repeat(num_prompts, 1).to(device), targets.repeat(num_prompts, 1).to(device)
     continuation_mask = (targets != IGNORE_INDEX).long()  # (B*L, W), right-padded
-    cache = getattr(output, cache_key)
     cache.batch_repeat_interleave(num_labels)  # cache row b -> rows b*L .. b*L + L-1
     positions = prompt_lens.repeat_interleave(num_labels)[:, None] + torch.arange(
         width, device=device

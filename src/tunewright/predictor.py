@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from tunewright.heads import (
     score_labels,
 )
 from tunewright.model import max_input_length
+from tunewright.prepacked import prepacked_linears
 from tunewright.progress import work_progress
 
 log = logging.getLogger(__name__)
@@ -83,7 +85,10 @@ class TunedModel:
         label_ids = encode_labels(self.tokenizer, self.labels) if feature.decoder == "label_scoring" else []
         order = sorted(range(len(prompt_ids)), key=lambda row: len(prompt_ids[row]), reverse=True)
         result = torch.zeros(len(prompt_ids), len(self.labels))
-        with work_progress(len(prompt_ids), "scoring labels", show_progress) as progress:
+        # As in generation: inference on CPU multiplies through weights packed once (prepacked.py).
+        cpu = next(self.model.parameters()).device.type == "cpu"
+        kernels = prepacked_linears(self.model) if cpu else nullcontext()
+        with kernels, work_progress(len(prompt_ids), "scoring labels", show_progress) as progress:
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
                 batch = [prompt_ids[row] for row in rows]
