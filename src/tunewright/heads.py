@@ -114,16 +114,19 @@ class ClassifierObjective(nn.Module):
 
     def label_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) prompts, right- or left-padded -> (B, L) label logits."""
+        real = attention_mask.bool()  # (B, T): padding does not count
         if uses_virtual_tokens(self.model):
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[
                 :, -input_ids.shape[1] :
-            ]
+            ][real]
         else:
+            # The LM head and softmax only at real positions: (N, V) instead of (B, T, V).
             _, lm_head = causal_lm_parts(self.model)
-            logits = lm_head(hidden_states(self.model, input_ids, attention_mask))  # (B, T, V)
-        probabilities = logits.float().softmax(dim=-1)  # (B, T, V)
-        mask = attention_mask.unsqueeze(-1).to(probabilities.dtype)  # (B, T, 1): padding does not count
-        mean = (probabilities * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # (B, V)
+            logits = lm_head(hidden_states(self.model, input_ids, attention_mask)[real])  # (N, V)
+        probabilities = logits.float().softmax(dim=-1)  # (N, V)
+        owners = torch.arange(len(real), device=real.device)[:, None].expand_as(real)[real]  # (N,): row of each
+        sums = probabilities.new_zeros(len(real), probabilities.shape[-1]).index_add_(0, owners, probabilities)
+        mean = sums / real.sum(dim=1, keepdim=True).clamp(min=1)  # (B, V)
         return self.head(mean * self.input_scale)  # (B, L)
 
     def forward(
