@@ -47,10 +47,9 @@ def measure_dataset(name: str, rows: int, rounds: int) -> dict[str, Any]:
     test = pd.read_csv(DATA / name / "test.csv").iloc[:rows]
     model = tunewright.from_config(config_for(name, "label_scoring", {"type": "none", "eval_batch_size": 16}))
     prompt_ids = model.encode_frame(test)
-    padding = 0
-    for start in range(0, len(prompt_ids), 16):  # the predictor's batches: sorted by length, 16 each
-        lengths = sorted(map(len, prompt_ids), reverse=True)[start : start + 16]
-        padding += len(lengths) * max(lengths) - sum(lengths)
+    lengths = sorted(map(len, prompt_ids), reverse=True)  # the predictor's batches: sorted by length, 16 each
+    batches = [lengths[start : start + 16] for start in range(0, len(lengths), 16)]
+    padding = sum(len(batch) * max(batch) - sum(batch) for batch in batches)
     scorer(model, prompt_ids[:16], padded=False)  # warm-up; packs the weights once (a server keeps them)
     scorer(model, prompt_ids[:16], padded=True)
     times: dict[str, list[float]] = {"padded": [], "tunewright": []}
