@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Hashable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -259,7 +259,7 @@ def run_generation(jobs: list[GenerationJob]) -> None:
         device = next(model.parameters()).device
         padded = collate_prompts([job.prompt_ids for job in jobs], tokenizer.pad_token_id)
         batch = {name: tensor.to(device) for name, tensor in padded.items()}  # (B, T)
-        kernels = prepacked_linears(model) if device.type == "cpu" else nullcontext()  # packed once per model
+        kernels = prepacked_linears(model)  # CPU weights packed once per model
         if uses_greedy_loop(model, first.settings):
             def push(row: int, token: int) -> bool:  # True once the row is done (stop, limit, client gone)
                 rows[row].push(token)

@@ -17,7 +17,6 @@ compare every token with `generate` on F.linear.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -190,8 +189,7 @@ def generate_ids(
     results: list[list[int]] = [[] for _ in prompt_ids]
     device = next(model.parameters()).device
     # On CPU the linear layers run on weights packed once (prepacked.py): decode steps are small matmuls.
-    kernels = prepacked_linears(model) if device.type == "cpu" else nullcontext()
-    with kernels, work_progress(len(prompt_ids), "generating", show_progress) as progress:
+    with prepacked_linears(model), work_progress(len(prompt_ids), "generating", show_progress) as progress:
         for start in range(0, len(order), settings.batch_size):
             rows = order[start : start + settings.batch_size]
             batch = collate_prompts([prompt_ids[r] for r in rows], tokenizer.pad_token_id)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,9 +85,7 @@ class TunedModel:
         order = sorted(range(len(prompt_ids)), key=lambda row: len(prompt_ids[row]), reverse=True)
         result = torch.zeros(len(prompt_ids), len(self.labels))
         # As in generation: inference on CPU multiplies through weights packed once (prepacked.py).
-        cpu = next(self.model.parameters()).device.type == "cpu"
-        kernels = prepacked_linears(self.model) if cpu else nullcontext()
-        with kernels, work_progress(len(prompt_ids), "scoring labels", show_progress) as progress:
+        with prepacked_linears(self.model), work_progress(len(prompt_ids), "scoring labels", show_progress) as progress:
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
                 batch = [prompt_ids[row] for row in rows]

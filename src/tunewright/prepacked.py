@@ -78,6 +78,8 @@ def prepack(model: nn.Module) -> list[nn.Linear]:
 def prepacked_linears(model: nn.Module) -> Iterator[None]:
     """Run `model`'s plain linear layers through their packed weights while inside (CPU inference).
 
+    A model on another device has no packable weights, so there the context changes nothing.
+
     Subclasses of nn.Linear and adapter layers keep their own forward (an adapter's frozen base
     layer is a plain nn.Linear, and is packed). Anything that needs gradients falls back to
     `F.linear`, so training inside this context is unaffected.
