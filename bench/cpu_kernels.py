@@ -5,8 +5,7 @@ training benchmark (`train_speed.py`: four samples of 62-150 tokens packed into 
 9 query heads and 3 key/value heads of 64, hidden size 576, 49,152-token vocabulary):
 
 - `attention`: `attention._BF16SpanAttention` against PyTorch's flash-attention SDPA per span in
-  fp32 (what packed bf16 training used before) and in bf16, plus each one's relative error
-  against fp64 (output, dq, dk, dv);
+  fp32 and in bf16, plus each one's relative error against fp64 (output, dq, dk, dv);
 - `rms_norm`: `cpu_speed._FrozenRMSNorm` against transformers' LlamaRMSNorm module (bf16, frozen weight);
 - `dropout`: `cpu_speed.FastDropout` (a 0/1 factor) against the same mask applied with `masked_fill`;
 - `lm_loss`: the fused LM-head loss (`lm_loss.linear_cross_entropy`, 300 target rows) against

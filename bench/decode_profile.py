@@ -14,7 +14,7 @@ Measures, on smollm2-135m (fp32) with the same 16 Alpaca prompts as bench/genera
 Together they give the floor of a 32-token batched run and show how far the kernels are from it.
 `--dtype bfloat16` profiles the model with bf16 weights against the bf16 matmul limit.
 
-    .venv/bin/python bench/decode_profile.py --out bench/results/decode_profile.json
+    .venv/bin/python bench/decode_profile.py --out bench/results/decode_profile_avx2_fp32.json
 """
 
 from __future__ import annotations

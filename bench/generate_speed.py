@@ -14,7 +14,7 @@ as a server's requests do.
 limit) and also times batched `generate` on the fp32 model, to show what bf16 weights buy and
 how many rows' greedy tokens they change.
 
-    .venv/bin/python bench/generate_speed.py --out bench/results/generate_speed.json
+    .venv/bin/python bench/generate_speed.py --out bench/results/generate_speed_avx2_fp32.json
 """
 
 from __future__ import annotations

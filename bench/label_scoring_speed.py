@@ -3,13 +3,13 @@
 Zero-shot `label_scoring` on smollm2-135m (fp32) over the first rows of ../shared/data/sst2 and
 ../shared/data/trec test files, with bench/category.py's prompts, through the predictor's own loop
 (`label_log_probs`: batches of 16 sorted by length). Two ways, alternating round by round:
-- `padded`: what label scoring did before: one left-padded pass over the prompts, `F.linear`;
+- `padded`: the baseline: one left-padded pass over the prompts, `F.linear`;
 - `tunewright`: the prompts as one packed row (`generate.packed_prefill`) and the linear layers on
   weights packed once for oneDNN (`prepacked.py`), as generation does.
 Reports seconds, the ratio, the largest difference in label log-probabilities and whether every
 row picks the same label.
 
-    .venv/bin/python bench/label_scoring_speed.py --out bench/results/label_scoring_speed.json
+    .venv/bin/python bench/label_scoring_speed.py --out bench/results/label_scoring_speed_avx2_fp32.json
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ time (`--time-limit` per round stops new requests). Reports requests/s, completi
 p50/p99 latency, errors, the largest batch the server ran, and how many answers are identical
 with and without batching.
 
-    .venv/bin/python bench/serve_load.py --out bench/results/serve_load.json
+    .venv/bin/python bench/serve_load.py --requests 16 --concurrency 8 --max-tokens 16 --rounds 1 \
+        --time-limit 300 --out bench/results/serve_load_avx2.json
 """
 
 from __future__ import annotations
@@ -181,7 +182,7 @@ def main() -> None:
     parser.add_argument(
         "--request-timeout", type=float, default=1800.0, help="the servers' --request-timeout"
     )
-    parser.add_argument("--out", type=Path, default=Path("bench/results/serve_load.json"))
+    parser.add_argument("--out", type=Path, default=None, help="JSON report (default: print the summary only)")
     args = parser.parse_args()
 
     folder = Path(tempfile.mkdtemp(prefix="serve-load-"))
@@ -245,8 +246,9 @@ def main() -> None:
             for mode, results in rounds.items()
         },
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2), encoding="utf-8")
     print(
         json.dumps(
             {

@@ -20,7 +20,7 @@ The fp32 and bf16 matmul limits are measured in the same run, before and after.
 `trainer.precision: bf16`, `bf16=True` for Trainer and trl); fractions of the matmul limit
 are taken against the limit of that precision.
 
-    .venv/bin/python bench/train_speed.py --rounds 2 --precision fp32 --out bench/results/train_speed.json
+    .venv/bin/python bench/train_speed.py --rounds 3 --precision fp32 --out bench/results/train_speed_avx2_fp32.json
 """
 
 from __future__ import annotations
