@@ -289,6 +289,10 @@ class BackendConfig(Section):
         False, description="Also load pickle weight files (.bin/.pt) when a model has no safetensors; they can "
         "run code when loaded, so only for sources you trust."
     )
+    hub_kernels: bool = Field(
+        False, description="Let transformers swap layers for kernels from the Hugging Face Hub (`kernels` package). "
+        "Off: no run reaches the network for kernels; on: they are downloaded, or read from the local cache offline."
+    )
 
 
 class ServeSettings(Section):

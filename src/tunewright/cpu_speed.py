@@ -171,15 +171,23 @@ def fast_rms_norm(model: nn.Module) -> Iterator[None]:
 def instance_forwards(modules: Sequence[nn.Module], forward: Callable[[Any, torch.Tensor], torch.Tensor]
                       ) -> Iterator[None]:
     """Give each module `forward` as its own forward while inside; put back whatever it had before
-    (another context's forward, or none), so such contexts nest."""
+    (another context's forward, or none), so such contexts nest.
+
+    A forward that someone else installed meanwhile (transformers' `kernelize` at `train()`/`eval()`
+    replaces or removes instance forwards) is theirs: it is left in place, not overwritten.
+    """
     previous = [module.__dict__.get("forward") for module in modules]
+    installed = []
     for module in modules:
         module.forward = MethodType(forward, module)
+        installed.append(module.__dict__["forward"])
     try:
         yield
     finally:
-        for module, before in zip(modules, previous, strict=True):
+        for module, before, ours in zip(modules, previous, installed, strict=True):
+            if module.__dict__.get("forward") is not ours:
+                continue  # replaced (or removed) by someone else while inside: keep theirs
             if before is None:
-                del module.forward
+                module.__dict__.pop("forward", None)
             else:
                 module.forward = before

@@ -87,7 +87,8 @@ def converted_gguf_dir(gguf_path: Path) -> Path:
     try:
         # dequantize=True: otherwise a GGUF quantizer stays attached and saving/training fail.
         model = AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, quantization_config=GgufConfig(dequantize=True)
+            gguf_path.parent, gguf_file=gguf_path.name, quantization_config=GgufConfig(dequantize=True),
+            use_kernels=False,
         )
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     except Exception as error:  # transformers raises many types for a bad file
@@ -274,6 +275,8 @@ def load_base_model(
         # Pickle weights (.bin) load only with backend.allow_pickle_weights (transformers then reads them with
         # torch.load(weights_only=True)); otherwise safetensors or nothing, for local folders and the Hub alike.
         "use_safetensors": None if backend.allow_pickle_weights else True,
+        # transformers >= 5.25 kernelizes at train()/eval() through Hub kernels unless told not to.
+        "use_kernels": backend.hub_kernels,
     }
     if device.type == "cuda":
         kwargs["attn_implementation"] = "sdpa"
