@@ -40,17 +40,17 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import save_json  # noqa: E402
 
-from tunewright.attention import _BF16SpanAttention  # noqa: E402
-from tunewright.cpu_speed import (  # noqa: E402
+from tunewright.kernels.attention import _BF16SpanAttention  # noqa: E402
+from tunewright.kernels.cpu_training import (
     MASK_LEVELS,
     FastDropout,
     _FrozenRMSNorm,
     dropped_positions,
     reuse_freed_memory,
 )
-from tunewright.lm_loss import linear_cross_entropy  # noqa: E402
-from tunewright.onednn_training import onednn_frozen_linears  # noqa: E402
-from tunewright.prepacked import packable, prepacked_linears  # noqa: E402
+from tunewright.kernels.lm_loss import linear_cross_entropy  # noqa: E402
+from tunewright.kernels.onednn_training import onednn_frozen_linears  # noqa: E402
+from tunewright.kernels.prepacked import packable, prepacked_linears  # noqa: E402
 
 SPANS, HEADS, KV_HEADS, HEAD_DIM, HIDDEN, VOCAB, TARGET_ROWS = [62, 140, 95, 150], 9, 3, 64, 576, 49152, 300
 LAYERS, KV_WIDTH, MLP_WIDTH, DECODE_ROWS, TRAINING_ROWS = 30, 192, 1536, 16, 480
@@ -232,8 +232,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    reuse_freed_memory()  # as in training (fit calls it on CPU)
-    result = {name: pieces[name](args.rounds) for name in args.pieces}
+    with reuse_freed_memory():  # as in training (fit enters it on CPU)
+        result = {name: pieces[name](args.rounds) for name in args.pieces}
     for name, figures in result.items():
         print(name, {key: (round(value, 3) if isinstance(value, float) else value) for key, value in figures.items()})
     save_json(result, args.out)

@@ -33,8 +33,8 @@ from torch import nn
 from tunewright.config import BackendConfig
 from tunewright.data import collate_prompts, encode_prompts
 from tunewright.generate import packed_prefill, prompt_positions
+from tunewright.kernels.prepacked import prepacked_linears
 from tunewright.model import load_base_model
-from tunewright.prepacked import prepacked_linears
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generate_speed import alpaca_prompts  # noqa: E402

@@ -6,7 +6,7 @@ transformers `generate` one prompt at a time (the reference design), `generate` 
 left-padded batch, and `tunewright.generate.generate_ids`. Reports new tokens/s (the same
 numerator for all: tokens up to and including each row's EOS), ratios, the fraction of the
 measured matmul limit, and whether the greedy tokens are identical. tunewright runs the linear
-layers on weights packed once per model for oneDNN (`tunewright.prepacked`); the one-off packing
+layers on weights packed once per model for oneDNN (`tunewright.kernels.prepacked`); the one-off packing
 time is reported separately (`tunewright_prepack_once_s`), the timed runs reuse the packed weights
 as a server's requests do.
 
@@ -33,8 +33,8 @@ from transformers import GenerationConfig
 from tunewright.config import BackendConfig, GenerationSettings
 from tunewright.data import collate_prompts, encode_prompts
 from tunewright.generate import generate_ids, trim_at_stop
+from tunewright.kernels.prepacked import prepack
 from tunewright.model import load_base_model
-from tunewright.prepacked import prepack
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from matmul_limit import measure  # noqa: E402

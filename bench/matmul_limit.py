@@ -5,7 +5,7 @@ Times square-ish fp32 and bf16 matmuls of the shapes a SmolLM2-135M training ste
 (one multiply-add = 2 FLOPs).
 
 fp32 is timed twice: through `torch.mm` (MKL's sgemm in PyTorch's CPU build) and through oneDNN
-with the weight packed once (`tunewright.prepacked`, what generation uses). On AMD CPUs MKL does
+with the weight packed once (`tunewright.kernels.prepacked`, what generation uses). On AMD CPUs MKL does
 not use AVX-512, and oneDNN's fp32 kernel runs about twice as fast (on an AMD EPYC Zen 5: 381-447
 vs 177-188 GFLOP/s, BENCHMARKS.md), so `fp32_gflops`, the machine's fp32 limit, is the faster of the
 two; each is also reported (`fp32_mkl_gflops`, `fp32_onednn_gflops`).

@@ -27,14 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import save_json  # noqa: E402
 from train_speed import BATCH_SIZE, LEARNING_RATE, SEED, load_model_and_examples, lora_config  # noqa: E402
 
-from tunewright import attention, cpu_speed, lm_loss  # noqa: E402
+from tunewright.kernels import attention, cpu_training, lm_loss  # noqa: E402
 
 PIECES = {
     "attention_forward": (attention._BF16SpanAttention, "forward"),
     "attention_backward": (attention._BF16SpanAttention, "backward"),
     "lm_loss_forward_and_gradient": (lm_loss._LinearCrossEntropy, "forward"),
-    "rms_norm_forward": (cpu_speed._FrozenRMSNorm, "forward"),
-    "rms_norm_backward": (cpu_speed._FrozenRMSNorm, "backward"),
+    "rms_norm_forward": (cpu_training._FrozenRMSNorm, "forward"),
+    "rms_norm_backward": (cpu_training._FrozenRMSNorm, "backward"),
 }
 
 

@@ -29,7 +29,7 @@ def fp32_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     breaks the exact comparisons many tests make (packed vs unpacked, accumulation, resume).
     tests/test_precision.py covers the bf16 path and the per-device resolution explicitly.
     """
-    monkeypatch.setattr("tunewright.speed.cpu_has_native_bf16", lambda: False)
+    monkeypatch.setenv("TUNEWRIGHT_CPU_BF16", "emulated")
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:

@@ -19,13 +19,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 import tunewright
-from tunewright.adapters import (
-    adapter_penalty,
-    attach_adapter,
-    count_parameters,
-    optimizer_step_hook,
-    peft_config_for,
-)
+from tunewright.adapters import adapter_penalty, attach_adapter, count_parameters, optimizer_step_hook, peft_config_for
 from tunewright.cli import app
 from tunewright.config import AdapterConfig, TrainerConfig, config_to_dict, load_config
 from tunewright.data import build_examples

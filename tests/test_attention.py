@@ -13,15 +13,15 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from test_packing import GRAD_RTOL, gradients, lora_objective, make_example, random_examples
 
-from tunewright.attention import (
+from tunewright.config import TrainerConfig
+from tunewright.data import Example, collate_training
+from tunewright.kernels.attention import (
     MASKED_ROW_TOKENS,
     VARLEN_SDPA,
     _BF16SpanAttention,
     packed_attention,
     packed_row_capacity,
 )
-from tunewright.config import TrainerConfig
-from tunewright.data import Example, collate_training
 from tunewright.objective import hidden_states
 from tunewright.packing import collate_packed
 from tunewright.train import fit

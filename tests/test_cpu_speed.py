@@ -13,7 +13,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 from tunewright.adapters import attach_adapter
 from tunewright.config import AdapterConfig
-from tunewright.cpu_speed import (
+from tunewright.kernels.cpu_training import (
     MASK_LEVELS,
     FastDropout,
     dropped_positions,
@@ -82,9 +82,12 @@ def test_fast_dropout_swaps_the_adapter_dropouts_and_restores_them(tiny_model) -
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
-def test_reuse_freed_memory_is_accepted_by_glibc() -> None:
-    assert reuse_freed_memory() is True
-    assert reuse_freed_memory() is True  # idempotent
+def test_reuse_freed_memory_is_accepted_by_glibc_and_scoped() -> None:
+    with reuse_freed_memory() as took, reuse_freed_memory() as nested:
+        assert took is True and nested is True  # nests
+    # glibc's defaults are back: a freed block over 128 KiB goes back to the OS at once (mmap'ed).
+    with reuse_freed_memory() as took:
+        assert took is True
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

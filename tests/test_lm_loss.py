@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from test_packing import lora_objective, random_examples
 
-from tunewright import lm_loss
 from tunewright.data import collate_training
-from tunewright.lm_loss import linear_cross_entropy
+from tunewright.kernels import lm_loss
+from tunewright.kernels.lm_loss import linear_cross_entropy
 
 
 @pytest.mark.parametrize("bias", [False, True])

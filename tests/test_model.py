@@ -8,13 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from tunewright.config import BackendConfig
 from tunewright.errors import ModelLoadError
-from tunewright.model import (
-    context_length,
-    ensure_pad_token,
-    load_base_model,
-    max_input_length,
-    resolve_model_source,
-)
+from tunewright.model import context_length, ensure_pad_token, load_base_model, max_input_length, resolve_model_source
 
 
 def model_with(**config) -> LlamaForCausalLM:

@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from tunewright import onednn_training
-from tunewright.onednn_training import onednn_frozen_linears
+from tunewright.kernels import onednn_training
+from tunewright.kernels.onednn_training import onednn_frozen_linears
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)")
 
@@ -74,13 +74,14 @@ def test_fit_in_fp32_on_cpu_trains_through_onednn(monkeypatch: pytest.MonkeyPatc
     from tunewright.objective import LanguageModelObjective
 
     train = importlib.import_module("tunewright.train")  # the module (the package exports a function `train`)
+    kernels_training = importlib.import_module("tunewright.kernels.training")
     entered = []
 
     def spy(model: nn.Module):  # noqa: ANN202
         entered.append(model)
         return onednn_frozen_linears(model)
 
-    monkeypatch.setattr(train, "onednn_frozen_linears", spy)
+    monkeypatch.setattr(kernels_training, "onednn_frozen_linears", spy)
     examples = [Example(input_ids=[5, 6, 7, 8, 9], labels=[IGNORE_INDEX, IGNORE_INDEX, 7, 8, 9], prompt_len=2)] * 4
     objective = LanguageModelObjective(lora_model(tiny_model))
     cfg = TrainerConfig(max_steps=2, batch_size=2, learning_rate=0.01, precision="fp32")
@@ -91,7 +92,7 @@ def test_fit_in_fp32_on_cpu_trains_through_onednn(monkeypatch: pytest.MonkeyPatc
 
 def test_fused_lm_head_loss_multiplies_through_onednn(monkeypatch: pytest.MonkeyPatch) -> None:
     """Inside the context, the fused loss multiplies by the head through oneDNN: same loss and gradient."""
-    from tunewright import lm_loss
+    from tunewright.kernels import lm_loss
 
     torch.manual_seed(0)
     head = nn.Linear(24, 300, bias=False).requires_grad_(False)
@@ -136,7 +137,7 @@ def test_weights_are_relaid_in_place_and_restored(tiny_model) -> None:
 
 def test_contexts_nest_and_restore_each_others_forward() -> None:
     """Generating inside training (packed inference forwards) hands the layers back to training's forward."""
-    from tunewright.prepacked import prepacked_linears
+    from tunewright.kernels.prepacked import prepacked_linears
 
     layer = nn.Linear(8, 4).requires_grad_(False)
     with onednn_frozen_linears(layer):

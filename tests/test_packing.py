@@ -16,13 +16,7 @@ from tunewright.adapters import attach_adapter
 from tunewright.config import AdapterConfig, TrainerConfig
 from tunewright.data import IGNORE_INDEX, Example, collate_training
 from tunewright.objective import LanguageModelObjective, hidden_states
-from tunewright.packing import (
-    collate_micro_batch,
-    collate_packed,
-    group_by_length,
-    pack_rows,
-    supports_packing,
-)
+from tunewright.packing import collate_micro_batch, collate_packed, group_by_length, pack_rows, supports_packing
 from tunewright.train import epoch_batches, fit
 
 LOSS_ATOL = 1e-5

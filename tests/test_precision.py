@@ -10,13 +10,10 @@ from conftest import build_model
 from tunewright.adapters import attach_adapter
 from tunewright.config import AdapterConfig, TrainerConfig, load_config
 from tunewright.data import IGNORE_INDEX, Example, collate_training
+from tunewright.kernels.precision import autocast_for, mixed_precision_for
+from tunewright.kernels.switches import cpu_has_native_bf16
+from tunewright.model import enable_gradient_checkpointing
 from tunewright.objective import LanguageModelObjective
-from tunewright.speed import (
-    autocast_for,
-    cpu_has_native_bf16,
-    enable_gradient_checkpointing,
-    mixed_precision_for,
-)
 from tunewright.train import fit
 
 CPU = torch.device("cpu")
@@ -41,7 +38,7 @@ def lora(seed: int = 0) -> LanguageModelObjective:
 
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_precision_resolves_per_device(monkeypatch: pytest.MonkeyPatch, native_bf16: bool) -> None:
-    monkeypatch.setattr("tunewright.speed.cpu_has_native_bf16", lambda: native_bf16)
+    monkeypatch.setenv("TUNEWRIGHT_CPU_BF16", "native" if native_bf16 else "emulated")
     assert mixed_precision_for("fp32", CPU) == "no"
     assert mixed_precision_for("bf16", CPU) == "bf16"
     # On CPU, auto takes bf16 only where the hardware multiplies bf16 natively.

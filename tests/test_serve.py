@@ -24,17 +24,17 @@ from peft import LoraConfig, get_peft_model
 from typer.testing import CliRunner
 
 import tunewright
-from tunewright.batching import DynamicBatcher, ShuttingDown
 from tunewright.cli import app as cli_app
 from tunewright.config import GenerationSettings, ServeSettings, load_config
 from tunewright.data import encode_prompts
-from tunewright.engine import Delta, Finished, GenerationJob, _held_back, run_generation
 from tunewright.generate import generate_texts
 from tunewright.model import load_base_model
-from tunewright.openai_schema import CompletionRequest, sampling_settings
-from tunewright.pool import ServedModel, load_models
 from tunewright.run import set_status, start_run
-from tunewright.serve import create_app
+from tunewright.serving.app import create_app
+from tunewright.serving.batching import DynamicBatcher, ShuttingDown
+from tunewright.serving.engine import Delta, Finished, GenerationJob, _held_back, run_generation
+from tunewright.serving.openai_schema import CompletionRequest, sampling_settings
+from tunewright.serving.pool import ServedModel, load_models
 
 WORDS = ["cat", "dog", "sun", "sea"]
 MAX_NEW_TOKENS = 8
@@ -660,7 +660,8 @@ def test_cancelled_row_stops_generating(served: Fixture) -> None:
 def test_greedy_batches_run_our_loop_with_the_same_rows_as_generate(served: Fixture, monkeypatch) -> None:
     """Per-row limits, stop strings and streaming give the same events through the greedy loop
     (packed prefill, finished rows leave the batch) as through `generate`."""
-    from tunewright import engine, generate
+    from tunewright import generate
+    from tunewright.serving import engine
 
     tokenizer = served.models["beta"].tuned.tokenizer
     settings = GenerationSettings(max_new_tokens=12)

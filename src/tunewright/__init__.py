@@ -9,7 +9,9 @@ The public API has the same verbs as the CLI::
     metrics = tunewright.evaluate(model, "test.csv")
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import version
+
+__version__ = version("tunewright")
 
 from tunewright.api import evaluate, from_config, load, predict, train  # noqa: E402
 from tunewright.export import export_run as export  # noqa: E402

@@ -13,7 +13,6 @@ import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,9 +31,8 @@ from peft import (
 from torch import nn
 from transformers import PreTrainedModel
 
-from tunewright.config import AdapterConfig, BackendConfig, QuantizationConfig, TunewrightConfig
-from tunewright.errors import ConfigError, RunFolderError
-from tunewright.run import check_complete, load_run_config, weights_kind
+from tunewright.config import AdapterConfig
+from tunewright.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +75,6 @@ class ParameterReport:
 
     def __str__(self) -> str:
         return f"trainable parameters: {self.trainable:,} of {self.total:,} ({100 * self.fraction:.4f}%)"
-
-
-def base_model(model: nn.Module) -> nn.Module:
-    """The transformers model under a peft wrapper, or the model itself when it has none."""
-    get_base_model = getattr(model, "get_base_model", None)
-    return get_base_model() if callable(get_base_model) else model
 
 
 def count_parameters(model: nn.Module) -> ParameterReport:
@@ -314,71 +306,11 @@ def adapter_penalty(model: nn.Module) -> torch.Tensor | None:
     return penalty
 
 
-def require_quantization_support(quantization: QuantizationConfig | None, backend: BackendConfig) -> None:
-    """Refuse quantized loading before any data or model is read, where it cannot work.
-
-    Raises:
-        ConfigError: no CUDA device, or bitsandbytes is not installed.
-    """
-    if quantization is None:
-        return
-    if not torch.cuda.is_available():
-        raise ConfigError(
-            f"quantization: {quantization.bits}-bit loading (bitsandbytes) needs a CUDA GPU and this machine "
-            "has none; remove the quantization section to train in full precision"
-        )
-    import importlib.util
-
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError("quantization: needs the bitsandbytes package; pip install 'tunewright[quant]'")
 
 
-def check_continuable(from_run: str | Path, config: TunewrightConfig) -> Path:
-    """The run folder to continue training from, if it fits the new config.
-
-    Continuing trains the saved weights further (the adapter, or the full weights), so the new
-    config must name the same base model and the same adapter section.
-
-    Raises:
-        RunFolderError: the run is incomplete or saved no weights.
-        ConfigError: base_model or adapter differ from the run's, or trainer.type is none.
-    """
-    if config.trainer.type == "none":
-        raise ConfigError("trainer.type: 'none' trains nothing; continuing from a run needs 'finetune'")
-    run_dir = check_complete(from_run)
-    previous = load_run_config(run_dir)
-    if weights_kind(run_dir) == "none":
-        raise RunFolderError(
-            f"{run_dir}: the run saved no weights (trainer.type none); nothing to continue from"
-        )
-    if previous.base_model != config.base_model:
-        raise ConfigError(
-            f"base_model: '{config.base_model}' is not the base model of {run_dir} "
-            f"('{previous.base_model}'); "
-            "continue with the same base model"
-        )
-    if previous.adapter != config.adapter:
-        raise ConfigError(
-            f"adapter: differs from the adapter section of {run_dir}; continuing trains the saved weights, "
-            "so copy that run's adapter section"
-        )
-    return run_dir
-
-
-def weights_source(config: TunewrightConfig, from_run: Path | None) -> str:
-    """What to load as the base model: the run's full weights when continuing a full fine-tune."""
-    if from_run is not None and weights_kind(from_run) == "full":
-        return str(from_run)
-    return config.base_model
-
-
-def trainable_model(
-    model: PreTrainedModel, config: TunewrightConfig, total_steps: int, from_run: Path | None = None
-) -> nn.Module:
-    """The model ready to train: a fresh adapter, the saved adapter of `from_run` made trainable, or
-    (full fine-tuning) the model's own weights with the chosen ones unfrozen."""
-    if from_run is not None and weights_kind(from_run) == "adapter":
-        wrapped = load_adapter(model, str(from_run), trainable=True)
-        log.info("continuing from %s: %s", from_run, count_parameters(wrapped))
-        return wrapped
-    return attach_adapter(model, config.adapter, total_steps)
+def uses_virtual_tokens(model: nn.Module) -> bool:
+    """Prompt/prefix tuning prepend virtual tokens inside peft's own forward; it must not be bypassed."""
+    peft_config = getattr(model, "peft_config", None)
+    if not peft_config:
+        return False
+    return any(getattr(cfg, "is_prompt_learning", False) for cfg in peft_config.values())

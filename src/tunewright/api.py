@@ -11,59 +11,58 @@ from typing import Any
 import pandas as pd
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from torch import nn
+from transformers import PreTrainedModel
 
-from tunewright.adapters import (
-    check_continuable,
-    count_parameters,
-    load_adapter,
-    optimizer_step_hook,
-    require_quantization_support,
-    trainable_model,
-    weights_source,
-)
+from tunewright.adapters import attach_adapter, count_parameters, load_adapter, optimizer_step_hook
 from tunewright.checkpoint import CHECKPOINT_DIR, latest_checkpoint, load_checkpoint, run_fingerprint
 from tunewright.config import TunewrightConfig, load_config
 from tunewright.data import (
+    Dataset,
     Splits,
+    as_frame,
     build_examples,
     check_columns,
     drop_null_rows,
     encode_prompts,
     fit_prompts,
-    read_table,
     render_prompts,
     split_frame,
+    write_table,
 )
-from tunewright.errors import ConfigError, DataError, RunFolderError, TrainingInterrupted, TunewrightError
+from tunewright.errors import DataError, RunFolderError, TrainingInterrupted, TunewrightError
 from tunewright.evaluate import evaluate_frame, write_confusion_matrix
 from tunewright.heads import (
     classifier_examples,
     label_indices,
     label_texts,
     label_vocabulary,
-    load_vocabulary,
     save_category_state,
 )
-from tunewright.model import LoadedModel, load_base_model, load_tokenizer, resolve_device
+from tunewright.loading import from_config, load
+from tunewright.model import (
+    LoadedModel,
+    enable_gradient_checkpointing,
+    load_base_model,
+    require_quantization_support,
+    resolve_device,
+)
 from tunewright.objective import LanguageModelObjective
-from tunewright.predictor import TunedModel, attach_category
+from tunewright.predictor import TunedModel, attach_category, predict_rows
 from tunewright.run import (
     append_log,
-    check_complete,
-    load_run_config,
+    check_continuable,
     resume_run,
     set_status,
     start_run,
     weights_kind,
+    weights_source,
     write_json_atomic,
     write_metrics,
 )
-from tunewright.speed import enable_gradient_checkpointing
 from tunewright.train import fit, total_optimizer_steps
 
 log = logging.getLogger(__name__)
-
-Dataset = str | Path | pd.DataFrame | list[dict[str, Any]]
 
 
 @dataclass
@@ -71,34 +70,6 @@ class TrainResult:
     run_dir: Path
     model: TunedModel
     metrics: dict[str, Any]
-
-
-def as_frame(dataset: Dataset, name: str = "dataset") -> tuple[pd.DataFrame, str]:
-    """A DataFrame and a name for messages, from a file path, a DataFrame or a list of row dicts."""
-    if isinstance(dataset, pd.DataFrame):
-        frame, source = dataset, name
-    elif isinstance(dataset, list):
-        frame, source = pd.DataFrame(dataset), name
-    else:
-        return read_table(dataset), str(dataset)
-    if len(frame) == 0:
-        raise DataError(f"{source}: no data rows")
-    return frame, source
-
-
-def write_table(frame: pd.DataFrame, path: str | Path) -> None:
-    """Write predictions as CSV, JSONL or Parquet, chosen by the file extension."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        frame.to_csv(path, index=False)
-    elif suffix == ".jsonl":
-        frame.to_json(path, orient="records", lines=True, force_ascii=False)
-    elif suffix == ".parquet":
-        frame.to_parquet(path, index=False)
-    else:
-        raise DataError(f"{path}: unknown output type '{suffix}'; use .csv, .jsonl or .parquet")
 
 
 def _load_splits(config: TunewrightConfig, dataset: Dataset, validation: Dataset | None) -> Splits:
@@ -268,43 +239,6 @@ def _split_metrics(tuned: TunedModel, splits: Splits, run_dir: Path, accelerator
     return metrics
 
 
-def from_config(config: str | Path | dict[str, Any] | TunewrightConfig) -> TunedModel:
-    """A zero-shot model straight from a config (no run folder): the base model as configured."""
-    config = load_config(config)
-    require_quantization_support(config.quantization, config.backend)
-    loaded = load_base_model(config.base_model, config.backend, config.quantization)
-    loaded.model.eval()
-    tuned = TunedModel(loaded.model, loaded.tokenizer, config)
-    if config.output_feature.type == "category":
-        if config.output_feature.labels is None:
-            raise ConfigError(
-                "output_features[0].labels: a category model used straight from its config needs its labels "
-                "listed there (or train with trainer.type none to take them from the data)"
-            )
-        attach_category(tuned, config.output_feature.labels)
-    return tuned
-
-
-def load(run_dir: str | Path) -> TunedModel:
-    """Load a complete run folder: base model + saved adapter, or the saved full weights."""
-    run_dir = check_complete(run_dir)
-    config = load_run_config(run_dir)
-    kind = weights_kind(run_dir)
-    if kind == "full":
-        loaded = load_base_model(str(run_dir), config.backend)
-    else:
-        loaded = load_base_model(config.base_model, config.backend, config.quantization)
-        loaded.tokenizer = load_tokenizer(str(run_dir), config.backend.trust_remote_code)
-    model = load_adapter(loaded.model, str(run_dir)) if kind == "adapter" else loaded.model
-    model.eval()
-    tuned = TunedModel(model, loaded.tokenizer, config)
-    if config.output_feature.type == "category":
-        attach_category(tuned, load_vocabulary(run_dir), run_dir)
-        if tuned.classifier is not None:
-            tuned.classifier.eval()
-    return tuned
-
-
 def _as_model(model: TunedModel | str | Path) -> TunedModel:
     return model if isinstance(model, TunedModel) else load(model)
 
@@ -316,10 +250,7 @@ def predict(model: TunedModel | str | Path, dataset: Dataset, output: str | Path
     Category outputs add `prediction_probability`, and with `all_probabilities` a
     `probability_<label>` column per label.
     """
-    tuned = _as_model(model)
-    frame, source = as_frame(dataset)
-    check_columns(frame, tuned.config.input_columns, source)
-    predictions = tuned.predict(frame, show_progress, all_probabilities)
+    predictions = predict_rows(_as_model(model), dataset, show_progress, all_probabilities)
     if output is not None:
         write_table(predictions, output)
     return predictions
@@ -341,3 +272,15 @@ def evaluate(model: TunedModel | str | Path, dataset: Dataset, output: str | Pat
 
 
 __all__ = ["TrainResult", "TunewrightError", "as_frame", "evaluate", "from_config", "load", "predict", "train"]
+
+
+def trainable_model(
+    model: PreTrainedModel, config: TunewrightConfig, total_steps: int, from_run: Path | None = None
+) -> nn.Module:
+    """The model ready to train: a fresh adapter, the saved adapter of `from_run` made trainable, or
+    (full fine-tuning) the model's own weights with the chosen ones unfrozen."""
+    if from_run is not None and weights_kind(from_run) == "adapter":
+        wrapped = load_adapter(model, str(from_run), trainable=True)
+        log.info("continuing from %s: %s", from_run, count_parameters(wrapped))
+        return wrapped
+    return attach_adapter(model, config.adapter, total_steps)

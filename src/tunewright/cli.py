@@ -207,8 +207,8 @@ def serve(
     import uvicorn
 
     from tunewright.config import ServeSettings
-    from tunewright.pool import load_models
-    from tunewright.serve import create_app
+    from tunewright.serving.app import create_app
+    from tunewright.serving.pool import load_models
 
     options = {"host": host, "port": port, "max_batch_size": max_batch_size, "batch_wait_ms": batch_wait_ms,
                "max_tokens": max_tokens, "max_body_bytes": max_body_bytes, "api_key": api_key,

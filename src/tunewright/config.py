@@ -105,7 +105,7 @@ class AdapterConfig(Section):
     r: int = Field(8, ge=1, description="Rank (lora, loha, lokr); adalora: average rank kept after pruning.")
     alpha: float = Field(16, gt=0, description="Scaling numerator: the update is scaled by alpha / r.")
     dropout: float = Field(0.05, ge=0, lt=1, description="lora/adalora: dropout on the adapter's input "
-                           "(on CPU, rounded to a multiple of 1/65536: cpu_speed.py).")
+                           "(on CPU, rounded to a multiple of 1/65536: kernels/cpu_training.py).")
     target_modules: list[str] | Literal["all-linear"] | None = Field(
         None,
         description="Module names to adapt, or `all-linear`; by default per architecture (the attention q/v "

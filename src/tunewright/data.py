@@ -286,3 +286,34 @@ def collate_prompts(prompt_ids: Sequence[list[int]], pad_id: int) -> dict[str, t
             input_ids[row, width - len(ids) :] = torch.tensor(ids)
             attention_mask[row, width - len(ids) :] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+Dataset = str | Path | pd.DataFrame | list[dict[str, Any]]
+
+
+def as_frame(dataset: Dataset, name: str = "dataset") -> tuple[pd.DataFrame, str]:
+    """A DataFrame and a name for messages, from a file path, a DataFrame or a list of row dicts."""
+    if isinstance(dataset, pd.DataFrame):
+        frame, source = dataset, name
+    elif isinstance(dataset, list):
+        frame, source = pd.DataFrame(dataset), name
+    else:
+        return read_table(dataset), str(dataset)
+    if len(frame) == 0:
+        raise DataError(f"{source}: no data rows")
+    return frame, source
+
+
+def write_table(frame: pd.DataFrame, path: str | Path) -> None:
+    """Write predictions as CSV, JSONL or Parquet, chosen by the file extension."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        frame.to_csv(path, index=False)
+    elif suffix == ".jsonl":
+        frame.to_json(path, orient="records", lines=True, force_ascii=False)
+    elif suffix == ".parquet":
+        frame.to_parquet(path, index=False)
+    else:
+        raise DataError(f"{path}: unknown output type '{suffix}'; use .csv, .jsonl or .parquet")

@@ -14,9 +14,8 @@ from tunewright.data import build_examples, check_columns, drop_null_rows
 from tunewright.generate import generate_ids
 from tunewright.heads import label_texts
 from tunewright.metrics import category_metrics, generated_token_accuracy, label_cross_entropy, text_metrics
-from tunewright.objective import LanguageModelObjective
+from tunewright.objective import LanguageModelObjective, evaluate_loss
 from tunewright.predictor import PREDICTION_COLUMN, PROBABILITY_COLUMN, TunedModel
-from tunewright.train import evaluate_loss
 
 log = logging.getLogger(__name__)
 

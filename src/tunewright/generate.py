@@ -8,7 +8,7 @@ the same forward as transformers' `generate` with the same inputs (positions fro
 mask), so its tokens equal `generate`'s (tests/test_generate.py). Sampling, beams and a
 repetition penalty go through `generate` itself.
 
-On CPU both run the linear layers on weights packed once for oneDNN (prepacked.py): the same
+On CPU both run the linear layers on weights packed once for oneDNN (kernels/prepacked.py): the same
 fp32 arithmetic in another summation order (bf16: the same bits), so a greedy token could only
 change where two logits tie to within fp32 rounding; the tests and bench/generate_speed.py
 compare every token with `generate` on F.linear.
@@ -24,11 +24,11 @@ from torch import nn
 from transformers import DynamicCache, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
-from tunewright.attention import packed_attention, packed_row_capacity, varlen_kwargs
+from tunewright.adapters import uses_virtual_tokens
 from tunewright.config import GenerationSettings
 from tunewright.data import collate_prompts
-from tunewright.objective import uses_virtual_tokens
-from tunewright.prepacked import prepacked_linears
+from tunewright.kernels.attention import packed_attention, packed_row_capacity, varlen_kwargs
+from tunewright.kernels.prepacked import prepacked_linears
 from tunewright.progress import work_progress
 
 
@@ -95,7 +95,7 @@ def packed_prefill(model: nn.Module, input_ids: torch.Tensor,
     """The prefill of left-padded prompts as one packed row: the same logits and cache, no padding work.
 
     The prompts' real tokens run as one row with positions restarting per prompt and attention per
-    prompt (attention.py), so a batch pays for its real tokens only (padding was a fifth of the
+    prompt (kernels/attention.py), so a batch pays for its real tokens only (padding was a fifth of the
     benchmark's prompt tokens). Each layer's keys and values are then laid out left-padded, as a
     padded prefill leaves them (zeros where the mask hides them), for the decode steps.
     Returns the last-position logits of each row (B, V) and the cache.
@@ -188,7 +188,7 @@ def generate_ids(
     order = sorted(range(len(prompt_ids)), key=lambda row: len(prompt_ids[row]), reverse=True)
     results: list[list[int]] = [[] for _ in prompt_ids]
     device = next(model.parameters()).device
-    # On CPU the linear layers run on weights packed once (prepacked.py): decode steps are small matmuls.
+    # On CPU the linear layers run on weights packed once (kernels/prepacked.py): decode steps are small matmuls.
     with prepacked_linears(model), work_progress(len(prompt_ids), "generating", show_progress) as progress:
         for start in range(0, len(order), settings.batch_size):
             rows = order[start : start + settings.batch_size]

@@ -24,11 +24,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tunewright.adapters import uses_virtual_tokens
 from tunewright.config import OutputFeature
 from tunewright.data import IGNORE_INDEX, Example, collate_prompts
 from tunewright.errors import DataError, RunFolderError
 from tunewright.generate import packed_prefill, packed_prefill_applies, prompt_positions
-from tunewright.objective import LossOutput, causal_lm_parts, hidden_states, uses_virtual_tokens
+from tunewright.objective import LossOutput, causal_lm_parts, hidden_states
 
 log = logging.getLogger(__name__)
 

@@ -12,13 +12,15 @@ import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from tunewright.config import BackendConfig, QuantizationConfig
-from tunewright.errors import ModelLoadError
+from tunewright.errors import ConfigError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -317,3 +319,39 @@ def max_input_length(model: PreTrainedModel, max_new_tokens: int, cap: int | Non
             f"context of {context_length(model)} tokens; lower it"
         )
     return min(limit, cap) if cap else limit
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper, or the model itself when it has none."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
+def require_quantization_support(quantization: QuantizationConfig | None, backend: BackendConfig) -> None:
+    """Refuse quantized loading before any data or model is read, where it cannot work.
+
+    Raises:
+        ConfigError: no CUDA device, or bitsandbytes is not installed.
+    """
+    if quantization is None:
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"quantization: {quantization.bits}-bit loading (bitsandbytes) needs a CUDA GPU and this machine "
+            "has none; remove the quantization section to train in full precision"
+        )
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("quantization: needs the bitsandbytes package; pip install 'tunewright[quant]'")
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer's activations in the backward pass instead of storing them.
+
+    Non-reentrant checkpointing works with frozen embeddings (LoRA) without forcing the inputs
+    to require gradients.
+    """
+    base: Any = base_model(model)  # a transformers model: nn.Module's typing does not know these attributes
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.config.use_cache = False

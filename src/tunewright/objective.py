@@ -6,16 +6,20 @@ normalise by the tokens of a whole gradient-accumulation window (not per micro-b
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from torch import nn
 
-from tunewright.adapters import adapter_penalty, base_model
-from tunewright.attention import varlen_kwargs
-from tunewright.data import IGNORE_INDEX
-from tunewright.lm_loss import linear_cross_entropy
+from tunewright.adapters import adapter_penalty, uses_virtual_tokens
+from tunewright.data import IGNORE_INDEX, Example, collate_training
+from tunewright.kernels.attention import varlen_kwargs
+from tunewright.kernels.lm_loss import linear_cross_entropy
+from tunewright.model import base_model
 
 
 @dataclass
@@ -23,14 +27,6 @@ class LossOutput:
     loss_sum: torch.Tensor  # scalar, summed over target tokens (or samples for classifiers)
     count: torch.Tensor  # scalar, number of target tokens (or samples) in the sum
     correct: torch.Tensor  # scalar, argmax predictions equal to the target
-
-
-def uses_virtual_tokens(model: nn.Module) -> bool:
-    """Prompt/prefix tuning prepend virtual tokens inside peft's own forward; it must not be bypassed."""
-    peft_config = getattr(model, "peft_config", None)
-    if not peft_config:
-        return False
-    return any(getattr(cfg, "is_prompt_learning", False) for cfg in peft_config.values())
 
 
 def causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -57,7 +53,7 @@ class LanguageModelObjective(nn.Module):
 
     The LM head runs only on positions whose label is not −100, so the logits of prompt and
     padding positions (most of a batch, at vocabularies of ~50k) are never materialised; with a
-    plain linear head the loss is fused with it (lm_loss.py) and no logits are kept for backward.
+    plain linear head the loss is fused with it (kernels/lm_loss.py) and no logits are kept for backward.
     """
 
     def __init__(self, model: nn.Module):
@@ -94,3 +90,28 @@ class LanguageModelObjective(nn.Module):
         if penalty is not None:  # AdaLoRA: once per step after fit() divides by the window's target tokens
             loss_sum = loss_sum + penalty * mask.sum()
         return LossOutput(loss_sum=loss_sum, count=mask.sum(), correct=correct)
+
+
+@torch.no_grad()
+def evaluate_loss(objective: nn.Module, examples: Sequence[Example], batch_size: int, pad_id: int,
+                  accelerator: Accelerator | None = None) -> dict[str, float]:
+    """Mean loss per target token over `examples`, with perplexity and teacher-forced token accuracy.
+
+    With an accelerator, each process scores its shard and the sums are reduced across processes.
+    """
+    was_training = objective.training
+    objective.eval()
+    device = accelerator.device if accelerator else next(objective.parameters()).device
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss_sum, count, correct
+    shard = list(range(rank, len(examples), world))
+    for start in range(0, len(shard), batch_size):
+        batch = collate_training([examples[i] for i in shard[start : start + batch_size]], pad_id)
+        out: LossOutput = objective(**{k: v.to(device) for k, v in batch.items()})
+        totals += torch.stack([out.loss_sum.double(), out.count.double(), out.correct.double()])
+    if accelerator:
+        totals = accelerator.reduce(totals, reduction="sum")
+    objective.train(was_training)
+    count = totals[1].clamp(min=1)
+    loss = (totals[0] / count).item()
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "token_accuracy": (totals[2] / count).item()}

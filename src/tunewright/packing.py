@@ -3,7 +3,7 @@
 Packing concatenates the samples of one micro-batch into one row, each sample with position ids
 that restart at 0, and passes the sample boundaries as `cu_seq_lens` (flash-attention's varlen
 keywords). No attention mask is passed. Flash-attention 2 on CUDA and our SDPA variant
-(attention.py, used for training on SDPA models) attend within each sample from those
+(kernels/attention.py, used for training on SDPA models) attend within each sample from those
 boundaries; any other attention gets transformers' block-diagonal causal mask, which
 `masking_utils.find_packed_sequence_indices` builds from the restarting position ids, in rows
 capped at `attention.MASKED_ROW_TOKENS` since it computes a whole row's scores. Either
@@ -19,8 +19,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from tunewright.adapters import uses_virtual_tokens
 from tunewright.data import IGNORE_INDEX, Example, collate_training
-from tunewright.objective import LanguageModelObjective, uses_virtual_tokens
+from tunewright.objective import LanguageModelObjective
 
 # Length grouping sorts this many batches' worth of shuffled samples at a time: enough to group
 # similar lengths, few enough that every epoch still mixes the data (as in transformers'

@@ -12,9 +12,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from tunewright.adapters import base_model
 from tunewright.config import GenerationSettings, TunewrightConfig
-from tunewright.data import encode_prompts, fit_prompts, render_prompts
+from tunewright.data import Dataset, as_frame, check_columns, encode_prompts, fit_prompts, render_prompts
 from tunewright.generate import generate_texts
 from tunewright.heads import (
     ClassifierObjective,
@@ -24,8 +23,8 @@ from tunewright.heads import (
     load_head,
     score_labels,
 )
-from tunewright.model import max_input_length
-from tunewright.prepacked import prepacked_linears
+from tunewright.kernels.prepacked import prepacked_linears
+from tunewright.model import base_model, max_input_length
 from tunewright.progress import work_progress
 
 log = logging.getLogger(__name__)
@@ -84,7 +83,7 @@ class TunedModel:
         label_ids = encode_labels(self.tokenizer, self.labels) if feature.decoder == "label_scoring" else []
         order = sorted(range(len(prompt_ids)), key=lambda row: len(prompt_ids[row]), reverse=True)
         result = torch.zeros(len(prompt_ids), len(self.labels))
-        # As in generation: inference on CPU multiplies through weights packed once (prepacked.py).
+        # As in generation: inference on CPU multiplies through weights packed once (kernels/prepacked.py).
         with prepacked_linears(self.model), work_progress(len(prompt_ids), "scoring labels", show_progress) as progress:
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
@@ -146,3 +145,11 @@ def attach_category(tuned: TunedModel, vocabulary: Sequence[str], run_dir: Path 
             log.warning("decoder classifier with trainer.type none: the head is untrained (it only reads the "
                         "labels' first tokens); decoder label_scoring is the zero-shot method")
     return tuned
+
+
+def predict_rows(tuned: TunedModel, dataset: Dataset, show_progress: bool = False,
+                 all_probabilities: bool = False) -> pd.DataFrame:
+    """`tuned.predict` on a file, DataFrame or list of rows, after checking its input columns."""
+    frame, source = as_frame(dataset)
+    check_columns(frame, tuned.config.input_columns, source)
+    return tuned.predict(frame, show_progress, all_probabilities)

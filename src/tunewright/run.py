@@ -16,10 +16,10 @@ import shutil
 import socket
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Literal
 
-from tunewright import __version__
 from tunewright.checkpoint import (
     CHECKPOINT_DIR,
     fingerprint_differences,
@@ -28,7 +28,7 @@ from tunewright.checkpoint import (
     remove_partial_checkpoints,
 )
 from tunewright.config import TunewrightConfig, load_config, save_config
-from tunewright.errors import RunFolderError, TunewrightError
+from tunewright.errors import ConfigError, RunFolderError, TunewrightError
 from tunewright.model import PICKLE_WEIGHT_SUFFIXES, check_safetensors_file
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def set_status(run_dir: Path, status: RunStatus, **fields: Any) -> None:
     current = read_status(run_dir)
     if status == "complete":
         fields["weights_sha256"] = weight_checksums(run_dir)
-    current.update(fields, status=status, tunewright_version=__version__, updated=time.time())
+    current.update(fields, status=status, tunewright_version=version("tunewright"), updated=time.time())
     write_json_atomic(run_dir / STATUS_FILE, current)
 
 
@@ -244,3 +244,42 @@ def check_complete(run_dir: str | Path) -> Path:
 
 def load_run_config(run_dir: Path) -> TunewrightConfig:
     return load_config(run_dir / CONFIG_FILE)
+
+
+def check_continuable(from_run: str | Path, config: TunewrightConfig) -> Path:
+    """The run folder to continue training from, if it fits the new config.
+
+    Continuing trains the saved weights further (the adapter, or the full weights), so the new
+    config must name the same base model and the same adapter section.
+
+    Raises:
+        RunFolderError: the run is incomplete or saved no weights.
+        ConfigError: base_model or adapter differ from the run's, or trainer.type is none.
+    """
+    if config.trainer.type == "none":
+        raise ConfigError("trainer.type: 'none' trains nothing; continuing from a run needs 'finetune'")
+    run_dir = check_complete(from_run)
+    previous = load_run_config(run_dir)
+    if weights_kind(run_dir) == "none":
+        raise RunFolderError(
+            f"{run_dir}: the run saved no weights (trainer.type none); nothing to continue from"
+        )
+    if previous.base_model != config.base_model:
+        raise ConfigError(
+            f"base_model: '{config.base_model}' is not the base model of {run_dir} "
+            f"('{previous.base_model}'); "
+            "continue with the same base model"
+        )
+    if previous.adapter != config.adapter:
+        raise ConfigError(
+            f"adapter: differs from the adapter section of {run_dir}; continuing trains the saved weights, "
+            "so copy that run's adapter section"
+        )
+    return run_dir
+
+
+def weights_source(config: TunewrightConfig, from_run: Path | None) -> str:
+    """What to load as the base model: the run's full weights when continuing a full fine-tune."""
+    if from_run is not None and weights_kind(from_run) == "full":
+        return str(from_run)
+    return config.base_model

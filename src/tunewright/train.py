@@ -9,13 +9,12 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 from torch import nn
 
-from tunewright.attention import packed_attention, packed_row_capacity
 from tunewright.checkpoint import (
     Checkpoint,
     TrainerState,
@@ -25,22 +24,13 @@ from tunewright.checkpoint import (
     save_checkpoint,
 )
 from tunewright.config import TrainerConfig
-from tunewright.cpu_speed import fast_dropout, fast_rms_norm, reuse_freed_memory
-from tunewright.data import IGNORE_INDEX, Example, collate_training
+from tunewright.data import IGNORE_INDEX, Example
 from tunewright.errors import RunFolderError, TrainingError
-from tunewright.faults import (
-    StopNow,
-    StopRequest,
-    interruption,
-    is_out_of_memory,
-    skip_nonfinite_step,
-    step_is_finite,
-)
-from tunewright.objective import LossOutput
-from tunewright.onednn_training import onednn_frozen_linears
+from tunewright.faults import StopNow, StopRequest, interruption, is_out_of_memory, skip_nonfinite_step, step_is_finite
+from tunewright.kernels import training_kernels
+from tunewright.objective import LossOutput, evaluate_loss
 from tunewright.packing import collate_micro_batch, group_by_length, supports_packing
 from tunewright.progress import NullProgress, TrainingProgress
-from tunewright.speed import autocast_for, frozen_weights_in_bf16, mixed_precision_for
 
 log = logging.getLogger(__name__)
 
@@ -119,31 +109,6 @@ def regularization_penalty(parameters: Sequence[nn.Parameter], cfg: TrainerConfi
 def target_token_count(examples: Sequence[Example], indices: Sequence[int]) -> int:
     # The first token can never be a target (nothing predicts it), hence labels[1:].
     return sum(sum(label != IGNORE_INDEX for label in examples[i].labels[1:]) for i in indices)
-
-
-@torch.no_grad()
-def evaluate_loss(objective: nn.Module, examples: Sequence[Example], batch_size: int, pad_id: int,
-                  accelerator: Accelerator | None = None) -> dict[str, float]:
-    """Mean loss per target token over `examples`, with perplexity and teacher-forced token accuracy.
-
-    With an accelerator, each process scores its shard and the sums are reduced across processes.
-    """
-    was_training = objective.training
-    objective.eval()
-    device = accelerator.device if accelerator else next(objective.parameters()).device
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss_sum, count, correct
-    shard = list(range(rank, len(examples), world))
-    for start in range(0, len(shard), batch_size):
-        batch = collate_training([examples[i] for i in shard[start : start + batch_size]], pad_id)
-        out: LossOutput = objective(**{k: v.to(device) for k, v in batch.items()})
-        totals += torch.stack([out.loss_sum.double(), out.count.double(), out.correct.double()])
-    if accelerator:
-        totals = accelerator.reduce(totals, reduction="sum")
-    objective.train(was_training)
-    count = totals[1].clamp(min=1)
-    loss = (totals[0] / count).item()
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "token_accuracy": (totals[2] / count).item()}
 
 
 @dataclass
@@ -268,6 +233,87 @@ def restore_checkpoint(objective: nn.Module, optimizer: Any, scheduler: Any, che
     scheduler.load_state_dict(checkpoint.training_state["scheduler"])
 
 
+@dataclass
+class Session:
+    """A run's state across optimizer steps: what is saved in checkpoints and reported per step."""
+
+    state: TrainerState
+    scheduler: Any
+    best_weights: dict[str, torch.Tensor] | None
+    checkpoint: Path | None
+    checkpoint_dir: Path | None
+    started: float = field(default_factory=time.perf_counter)
+    tokens_seen: int = 0
+
+    def save(self, ctx: StepContext) -> Path | None:
+        if self.checkpoint_dir is not None:
+            self.checkpoint = save_training_checkpoint(self.checkpoint_dir, self.state, ctx, self.scheduler,
+                                                       self.best_weights)
+        return self.checkpoint
+
+
+def start_session(objective: nn.Module, optimizer: Any, cfg: TrainerConfig, total_steps: int,
+                  fingerprint: dict[str, str] | None, resume: Checkpoint | None, checkpoint_dir: Path | None
+                  ) -> Session:
+    """A new session, or the one `resume` saved (weights, optimizer and scheduler restored)."""
+    warmup_steps = round(cfg.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, total_steps, warmup_steps, cfg.lr_scheduler)
+    )
+    if resume is None:
+        state = TrainerState(fingerprint=fingerprint or {})
+        state.micro_batch_size = cfg.batch_size
+        return Session(state, scheduler, None, None, checkpoint_dir)
+    restore_checkpoint(objective, optimizer, scheduler, resume)
+    resume.state.micro_batch_size = resume.state.micro_batch_size or cfg.batch_size
+    log.info("Resuming from %s (optimizer step %d of %d)", resume.path, resume.state.step, total_steps)
+    return Session(resume.state, scheduler, resume.best_weights, resume.path, checkpoint_dir)
+
+
+def finish_step(ctx: StepContext, session: Session, step: int, epoch: int, step_loss: float,
+                after_optimizer_step: Callable[[int, int], None] | None, total_steps: int) -> dict[str, Any]:
+    """Apply (or skip, if non-finite) the accumulated gradients; returns the step's log record."""
+    state, cfg = session.state, ctx.cfg
+    if step_is_finite(step_loss, ctx.parameters, ctx.accelerator):
+        if cfg.max_grad_norm is not None:
+            ctx.accelerator.clip_grad_norm_(ctx.parameters, cfg.max_grad_norm)
+        ctx.optimizer.step()
+        if after_optimizer_step is not None:
+            after_optimizer_step(step + 1, total_steps)
+    else:
+        skip_nonfinite_step(state, step + 1, epoch, step_loss, cfg, session.checkpoint)
+    session.scheduler.step()
+    ctx.optimizer.zero_grad(set_to_none=True)
+    state.step = step + 1
+    skipped = state.step in state.skipped_steps
+    elapsed = time.perf_counter() - session.started
+    record: dict[str, Any] = {
+        "step": state.step, "epoch": epoch, "loss": None if skipped else step_loss,
+        "learning_rate": session.scheduler.get_last_lr()[0],
+        "tokens_per_s": session.tokens_seen * ctx.accelerator.num_processes / elapsed,
+    }
+    if skipped:
+        record["skipped"] = True
+    if state.micro_batch_size != cfg.batch_size:
+        record["micro_batch_size"] = state.micro_batch_size
+    return record
+
+
+def validate(ctx: StepContext, session: Session, record: dict[str, Any], val_examples: Sequence[Example]) -> None:
+    """Validation loss into `record`, early-stopping bookkeeping, and the best weights so far."""
+    with ctx.autocast:  # the training precision: frozen weights may be bf16 here
+        metrics = evaluate_loss(ctx.objective, val_examples, ctx.cfg.eval_batch_size or ctx.cfg.batch_size,
+                                ctx.pad_id, ctx.accelerator)
+    record["val_loss"] = metrics["loss"]
+    session.best_weights = track_validation(session.state, metrics["loss"], ctx.objective, ctx.accelerator,
+                                            session.best_weights)
+    state = session.state
+    if ctx.cfg.early_stopping_patience and state.evals_without_improvement >= ctx.cfg.early_stopping_patience:
+        log.info("Early stopping at step %d: no better validation loss in %d evaluations",
+                 state.step, state.evals_without_improvement)
+        state.stopped_early = True
+
+
 def fit(
     objective: nn.Module,
     train_examples: Sequence[Example],
@@ -301,58 +347,28 @@ def fit(
         TrainingInterrupted: SIGTERM or Ctrl-C; a checkpoint was saved first.
     """
     torch.manual_seed(cfg.seed)
-    packing = cfg.packing and supports_packing(objective)
-    # Packed rows attend per sample (attention.py); padded evaluation batches keep plain SDPA.
-    packed_model = cast(nn.Module, objective.model) if packing else None
-    attention = packed_attention(packed_model) if packed_model is not None else nullcontext()
-    row_capacity = packed_row_capacity(packed_model) if packed_model is not None else None
-    autocast = autocast_for(cfg.precision, accelerator.device)
-    frozen_weights = frozen_weights_in_bf16(objective, cfg.precision, accelerator.device)
-    if accelerator.device.type == "cpu":
-        reuse_freed_memory()
-    dropout, norms = fast_dropout(objective), fast_rms_norm(objective)
-    # fp32 on CPU: frozen linear layers through oneDNN (MKL skips AVX-512 on AMD CPUs).
-    fp32_on_cpu = accelerator.device.type == "cpu" and mixed_precision_for(cfg.precision, accelerator.device) != "bf16"
-    linears = onednn_frozen_linears(objective) if fp32_on_cpu else nullcontext()
     parameters = trainable_parameters(objective)
     if not parameters:
         raise TrainingError("nothing to train: no parameter requires a gradient (check the adapter config)")
     optimizer = torch.optim.AdamW(parameters, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     world_size = accelerator.num_processes
     total_steps = total_optimizer_steps(len(train_examples), cfg, world_size)
-    warmup_steps = round(cfg.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, total_steps, warmup_steps, cfg.lr_scheduler)
-    )
-    state = resume.state if resume is not None else TrainerState(fingerprint=fingerprint or {})
-    state.micro_batch_size = state.micro_batch_size or cfg.batch_size
-    best_weights = resume.best_weights if resume is not None else None
-    if resume is not None:
-        restore_checkpoint(objective, optimizer, scheduler, resume)
-        log.info("Resuming from %s (optimizer step %d of %d)", resume.path, state.step, total_steps)
+    session = start_session(objective, optimizer, cfg, total_steps, fingerprint, resume, checkpoint_dir)
+    state = session.state
+    unwrapped, packing = objective, cfg.packing and supports_packing(objective)
     # The scheduler stays unprepared: Accelerate's wrapper steps it once per process, and our
     # step count is already per optimizer step across all processes.
     objective, optimizer = accelerator.prepare(objective, optimizer)
     if resume is not None:
         restore_rng_state(resume.training_state["rng"])
     objective.train()
-    eval_batch_size = cfg.eval_batch_size or cfg.batch_size
     eval_every = cfg.eval_every or max(1, total_steps // cfg.epochs if cfg.max_steps is None else total_steps)
     progress = TrainingProgress(total_steps) if show_progress and accelerator.is_main_process else NullProgress()
     lengths = [len(example.input_ids) for example in train_examples]
     stop = StopRequest()
-    ctx = StepContext(objective, optimizer, parameters, train_examples, lengths, cfg, accelerator, pad_id,
-                      packing, row_capacity, autocast, stop)
-    last_checkpoint = resume.path if resume is not None else None
-    started, tokens_seen = time.perf_counter(), 0
-
-    def save() -> Path | None:
-        nonlocal last_checkpoint
-        if checkpoint_dir is not None:
-            last_checkpoint = save_training_checkpoint(checkpoint_dir, state, ctx, scheduler, best_weights)
-        return last_checkpoint
-
-    with progress, stop, attention, dropout, norms, frozen_weights, linears:
+    with progress, stop, training_kernels(unwrapped, cfg.precision, accelerator.device, packing) as kernels:
+        ctx = StepContext(objective, optimizer, parameters, train_examples, lengths, cfg, accelerator, pad_id,
+                          packing, kernels.row_capacity, kernels.autocast, stop)
         progress.update(None, advance=state.step)
         for step, (epoch, window) in enumerate(optimizer_windows(len(train_examples), cfg, world_size, lengths)):
             if step < state.step:
@@ -360,64 +376,34 @@ def fit(
             if step >= total_steps or state.stopped_early:
                 break
             if stop.requested(accelerator):
-                raise interruption(stop, state.step, save())
+                raise interruption(stop, state.step, session.save(ctx))
             rng = capture_rng_state()
             try:
                 step_loss, tokens, state.micro_batch_size = window_with_retry(
-                    ctx, step, window, state.micro_batch_size, rng
-                )
+                    ctx, step, window, state.micro_batch_size, rng)
             except StopNow:
                 # Drop the unfinished window; restoring the RNG makes the resumed run draw the same numbers.
                 optimizer.zero_grad(set_to_none=True)
                 restore_rng_state(rng)
-                raise interruption(stop, state.step, save()) from None
-            tokens_seen += tokens
-            if step_is_finite(step_loss, parameters, accelerator):
-                if cfg.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(parameters, cfg.max_grad_norm)
-                optimizer.step()
-                if after_optimizer_step is not None:
-                    after_optimizer_step(step + 1, total_steps)
-            else:
-                skip_nonfinite_step(state, step + 1, epoch, step_loss, cfg, last_checkpoint)
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step = step + 1
-            elapsed = time.perf_counter() - started
-            skipped = state.step in state.skipped_steps
-            record: dict[str, Any] = {
-                "step": state.step, "epoch": epoch, "loss": None if skipped else step_loss,
-                "learning_rate": scheduler.get_last_lr()[0], "tokens_per_s": tokens_seen * world_size / elapsed,
-            }
-            if skipped:
-                record["skipped"] = True
-            if state.micro_batch_size != cfg.batch_size:
-                record["micro_batch_size"] = state.micro_batch_size
+                raise interruption(stop, state.step, session.save(ctx)) from None
+            session.tokens_seen += tokens
+            record = finish_step(ctx, session, step, epoch, step_loss, after_optimizer_step, total_steps)
             if val_examples and (state.step % eval_every == 0 or state.step == total_steps):
-                with autocast:  # the training precision: frozen weights may be bf16 here
-                    metrics = evaluate_loss(objective, val_examples, eval_batch_size, pad_id, accelerator)
-                record["val_loss"] = metrics["loss"]
-                best_weights = track_validation(state, metrics["loss"], objective, accelerator, best_weights)
-            progress.update(None if skipped else record)
+                validate(ctx, session, record, val_examples)
+            progress.update(None if record.get("skipped") else record)
             if state.step % cfg.log_every == 0 or "val_loss" in record:
                 state.history.append(record)
                 if on_log is not None:
                     on_log(record)
-            if cfg.early_stopping_patience and state.evals_without_improvement >= cfg.early_stopping_patience:
-                log.info("Early stopping at step %d: no better validation loss in %d evaluations",
-                         state.step, state.evals_without_improvement)
-                state.stopped_early = True
             if cfg.checkpoint_steps and state.step % cfg.checkpoint_steps == 0:
-                save()
+                session.save(ctx)
         if stop.requested(accelerator):
-            raise interruption(stop, state.step, save())
-
-    unwrapped = accelerator.unwrap_model(objective)
-    if best_weights is not None:
-        unwrapped.load_state_dict(best_weights, strict=False)
+            raise interruption(stop, state.step, session.save(ctx))
+    if session.best_weights is not None:
+        accelerator.unwrap_model(objective).load_state_dict(session.best_weights, strict=False)
     objective.eval()
     return FitResult(steps=state.step, best_val_loss=state.best_val_loss, stopped_early=state.stopped_early,
-                     history=state.history, skipped_steps=state.skipped_steps, checkpoint=last_checkpoint)
+                     history=state.history, skipped_steps=state.skipped_steps, checkpoint=session.checkpoint)
 
 
 def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:

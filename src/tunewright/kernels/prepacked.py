@@ -16,6 +16,7 @@ fp32 training takes oneDNN too, without packed copies (onednn_training.py).
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunewright import speed
-from tunewright.cpu_speed import instance_forwards
+from tunewright.kernels import switches
+from tunewright.kernels.forwards import fall_back, instance_forwards
 
 BATCH_HINT = 16  # rows the packed layout is tuned for: a decode step's batch
 
@@ -38,11 +39,43 @@ def _weight_key(weight: torch.Tensor) -> tuple[object, ...]:
     return weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape)
 
 
+@functools.cache
+def onednn_linear_problem() -> str | None:
+    """None when torch's private oneDNN linear ops (torch.ops.mkldnn, no public API) are there and give
+    `F.linear`'s results, for packed and column-major weights alike; else what is wrong. Checked once."""
+    ops = torch.ops.mkldnn
+    for name in ("_linear_pointwise", "_reorder_linear_weight"):
+        if not hasattr(ops, name):
+            return f"torch {torch.__version__} has no torch.ops.mkldnn.{name}"
+    generator = torch.Generator().manual_seed(0)
+    weight, x, bias = (torch.randn(*shape, generator=generator) for shape in ((24, 40), (5, 40), (24,)))
+    expected = F.linear(x, weight, bias)
+    try:
+        with torch.no_grad():
+            packed = ops._reorder_linear_weight(weight, BATCH_HINT)
+            results = [ops._linear_pointwise(x, w, bias, "none", [], "") for w in (packed, weight.t().contiguous().t())]
+    except RuntimeError as error:
+        return f"torch.ops.mkldnn linear failed ({str(error).splitlines()[0]})"
+    if not all(torch.allclose(result, expected, rtol=1e-4, atol=1e-5) for result in results):
+        return "torch.ops.mkldnn linear no longer gives F.linear's results"
+    return None
+
+
+def onednn_usable() -> bool:
+    """oneDNN linear layers are switched on (switches.py) and torch's ops still behave (one warning if not)."""
+    if not switches.onednn_enabled():
+        return False
+    problem = onednn_linear_problem()
+    if problem is not None:
+        fall_back("oneDNN linear layers", problem)
+    return problem is None
+
+
 def packable(weight: torch.Tensor) -> bool:
     """A CPU weight oneDNN runs natively: fp32, or bf16 on a CPU with bf16 units."""
-    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
+    if weight.device.type != "cpu" or not onednn_usable():
         return False
-    return weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and speed.cpu_has_native_bf16())
+    return weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and switches.cpu_has_native_bf16())
 
 
 def packed_weight(layer: nn.Linear) -> torch.Tensor:

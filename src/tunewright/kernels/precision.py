@@ -1,7 +1,11 @@
-"""Training speed switches: mixed precision per device, and gradient checkpointing."""
+"""Training precision per device: `trainer.precision` resolved, bf16 autocast, and frozen weights held in bf16."""
 
 from __future__ import annotations
 
+import functools
+import logging
+import statistics
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Literal
@@ -9,26 +13,20 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from tunewright.adapters import base_model
+from tunewright.kernels import switches
+
+log = logging.getLogger(__name__)
 
 MixedPrecision = Literal["no", "bf16"]
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX).
-
-    Without it oneDNN emulates bf16 and a matmul runs about 5x slower than in fp32
-    (bench/train_speed.py measures both), so autocast would only cost time.
-    """
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+BF16_MIN_SPEEDUP = 1.2  # bf16 autocast also costs casts and rounding: pick it only when clearly faster
 
 
 def mixed_precision_for(precision: str, device: torch.device) -> MixedPrecision:
     """Resolve `trainer.precision` for this device (the names are Accelerate's `mixed_precision`).
 
-    `auto` picks bf16 autocast where bf16 matmuls are fast (CUDA with bf16, CPUs with
-    AVX512-BF16/AMX) and fp32 elsewhere. The weights stay in their loaded dtype either way.
+    `auto` picks bf16 autocast where bf16 matmuls are fast: CUDA with bf16, and CPUs with
+    AVX512-BF16/AMX where a bf16 matmul measured at least 1.2x fp32 here; fp32 elsewhere.
+    The weights stay in their loaded dtype either way.
     """
     if precision == "bf16":
         return "bf16"
@@ -36,7 +34,40 @@ def mixed_precision_for(precision: str, device: torch.device) -> MixedPrecision:
         return "no"
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    return "bf16" if cpu_has_native_bf16() else "no"
+    if device.type != "cpu":
+        return "no"
+    return "bf16" if _cpu_auto_bf16(switches.setting(switches.CPU_BF16))[0] else "no"
+
+
+def _bf16_matmul_speedup() -> float:
+    """fp32 time / bf16 time of a training-sized matmul on this CPU (medians of interleaved runs)."""
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(512, 1024, generator=generator), torch.randn(1024, 1024, generator=generator)
+    pairs = {torch.float32: (a, b), torch.bfloat16: (a.bfloat16(), b.bfloat16())}
+    times: dict[torch.dtype, list[float]] = {dtype: [] for dtype in pairs}
+    for round_ in range(7):
+        for dtype, (x, y) in pairs.items():
+            started = time.perf_counter()
+            torch.mm(x, y)
+            if round_ >= 2:  # the first rounds warm oneDNN's kernel caches
+                times[dtype].append(time.perf_counter() - started)
+    return statistics.median(times[torch.float32]) / statistics.median(times[torch.bfloat16])
+
+
+@functools.cache
+def _cpu_auto_bf16(forced: str) -> tuple[bool, str]:
+    """(bf16?, why) for `precision: auto` on this CPU, decided and logged once per process (and setting)."""
+    if forced != "auto":
+        choice = (forced == "native", f"{switches.CPU_BF16}={forced}")
+    elif not switches.cpu_has_native_bf16():
+        choice = (False, "this CPU has no bf16 units (AVX512-BF16 or AMX)")
+    else:
+        speedup = _bf16_matmul_speedup()
+        verdict = speedup >= BF16_MIN_SPEEDUP
+        choice = (verdict, f"this CPU has bf16 units and a bf16 matmul measured {speedup:.2f}x fp32 "
+                           f"({'at least' if verdict else 'below'} {BF16_MIN_SPEEDUP}x)")
+    log.info("precision auto: %s on CPU, because %s", "bf16" if choice[0] else "fp32", choice[1])
+    return choice
 
 
 def autocast_for(precision: str, device: torch.device) -> AbstractContextManager[object]:
@@ -83,12 +114,3 @@ def frozen_weights_in_bf16(module: nn.Module, precision: str, device: torch.devi
             layer.cast_input_dtype_enabled = True
 
 
-def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Recompute each decoder layer's activations in the backward pass instead of storing them.
-
-    Non-reentrant checkpointing works with frozen embeddings (LoRA) without forcing the inputs
-    to require gradients.
-    """
-    base: Any = base_model(model)  # a transformers model: nn.Module's typing does not know these attributes
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    base.config.use_cache = False

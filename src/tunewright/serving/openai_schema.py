@@ -14,9 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tunewright.config import GenerationSettings
 from tunewright.data import encode_prompts
-from tunewright.engine import APIError
 from tunewright.model import CONTEXT_SAFETY_MARGIN
-from tunewright.pool import ServedModel
+from tunewright.serving.errors import APIError
+from tunewright.serving.pool import ServedModel
 
 # One request may ask for at most this many prompts x choices (each is a batch row).
 MAX_ROWS_PER_REQUEST = 128
@@ -145,10 +145,6 @@ def new_id(prefix: str) -> str:
 
 def now() -> int:
     return int(time.time())
-
-
-def error_body(error: APIError) -> dict[str, Any]:
-    return {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

@@ -22,21 +22,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tunewright.batching import DynamicBatcher, ShuttingDown
 from tunewright.config import ServeSettings
-from tunewright.engine import (
-    APIError,
-    Delta,
-    Event,
-    Failed,
-    Finished,
-    GenerationJob,
-    Job,
-    Predicted,
-    PredictJob,
-)
-from tunewright.limits import RequestGate, error_response
-from tunewright.openai_schema import (
+from tunewright.serving.batching import DynamicBatcher, ShuttingDown
+from tunewright.serving.engine import Delta, Event, Failed, Finished, GenerationJob, Job, Predicted, PredictJob
+from tunewright.serving.errors import APIError, error_body
+from tunewright.serving.limits import RequestGate, error_response
+from tunewright.serving.openai_schema import (
     MAX_ROWS_PER_REQUEST,
     ChatRequest,
     CompletionRequest,
@@ -48,13 +39,12 @@ from tunewright.openai_schema import (
     check_prompt,
     completion_choice,
     completion_prompt_ids,
-    error_body,
     new_id,
     now,
     sampling_settings,
     usage,
 )
-from tunewright.pool import ServedModel
+from tunewright.serving.pool import ServedModel
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tunewright.config import ServeSettings
-from tunewright.engine import APIError
-from tunewright.openai_schema import error_body
+from tunewright.serving.errors import APIError, error_body
 
 # Endpoints that run the model; only these count against max_concurrent_requests.
 MODEL_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/predict"})

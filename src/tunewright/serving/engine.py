@@ -19,43 +19,19 @@ from typing import Any, cast
 import torch
 from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
-from tunewright import api
 from tunewright.config import GenerationSettings
 from tunewright.data import collate_prompts
 from tunewright.errors import TunewrightError
 from tunewright.generate import greedy_decode, stop_token_ids, to_generation_config, uses_greedy_loop
-from tunewright.pool import ServedModel
-from tunewright.prepacked import prepacked_linears
+from tunewright.kernels.prepacked import prepacked_linears
+from tunewright.predictor import predict_rows
+from tunewright.serving.errors import APIError
+from tunewright.serving.pool import ServedModel
 
 log = logging.getLogger(__name__)
 
 # Jobs batch together only when these settings agree (max_tokens and stop may differ per row).
 SAMPLING_FIELDS = ("do_sample", "temperature", "top_k", "top_p", "num_beams", "repetition_penalty")
-
-
-ERROR_TYPES = {
-    401: "authentication_error",
-    429: "rate_limit_error",
-    500: "server_error",
-    503: "service_unavailable_error",
-    504: "timeout_error",
-}
-
-
-class APIError(Exception):
-    """An error answered to the client in OpenAI's error shape (the type follows from the status)."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type_: str | None = None,
-        param: str | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = type_ or ERROR_TYPES.get(status, "invalid_request_error")
 
 
 @dataclass
@@ -284,7 +260,7 @@ def run_predict(job: PredictJob) -> None:
     """Exactly what `tunewright predict` returns, for rows of input columns."""
     try:
         with job.model.active():
-            frame = api.predict(job.model.tuned, job.rows, all_probabilities=job.all_probabilities)
+            frame = predict_rows(job.model.tuned, job.rows, all_probabilities=job.all_probabilities)
     except TunewrightError as error:  # a missing column or bad value: the client's to fix
         job.fail(APIError(400, str(error), param="rows"))
         return

@@ -6,7 +6,7 @@ All were measured in a SmolLM2-135M LoRA step on 2 CPU cores (BENCHMARKS.md, "Sp
   (four per 64-bit draw) and applies it as a 0/1 factor, which is cheaper than masked_fill.
 - glibc returns every freed block over 32 MiB (and the top of its heap) to the OS, so the LM head's
   (targets x vocabulary) tensors are page-faulted in afresh at every step. `reuse_freed_memory`
-  lets glibc keep them.
+  lets glibc keep them while training, and puts glibc's defaults back afterwards.
 - Autograd through transformers' RMSNorm keeps four activation-sized tensors per norm and makes a
   dozen passes over them; `fast_rms_norm` runs a frozen-weight norm as one autograd function.
 """
@@ -15,32 +15,52 @@ from __future__ import annotations
 
 import ctypes
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from types import MethodType
 from typing import Any, cast
 
 import torch
 from torch import nn
 
+from tunewright.kernels.forwards import fall_back, instance_forwards
+
 # glibc's mallopt() parameter numbers (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _KEEP_BYTES = 1 << 30
+_GLIBC_DEFAULT_BYTES = 128 * 1024  # both thresholds' defaults (mallopt(3))
 MASK_LEVELS = 1 << 16  # the dropout probability is rounded to a multiple of 1/65536
 
 
-def reuse_freed_memory() -> bool:
-    """Ask glibc to serve big tensors from its heap and keep freed memory for the next step.
-
-    Process-wide and harmless elsewhere: returns False where the C library is not glibc.
-    """
+def _glibc_mallopt() -> Any | None:
+    """glibc's mallopt, or None where the C library is not glibc (musl, macOS, Windows)."""
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018  # glibc only: musl has no such symbol
+        return libc.mallopt
     except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES))
+        return None
+
+
+@contextmanager
+def reuse_freed_memory() -> Iterator[bool]:
+    """While inside, glibc serves big tensors from its heap and keeps freed memory for the next step.
+
+    mallopt is process-wide, so its thresholds go back to glibc's defaults on exit. Yields whether
+    the setting took (False where the C library is not glibc: nothing changes there).
+    """
+    mallopt = _glibc_mallopt()
+    if mallopt is None:
+        fall_back("reuse_freed_memory", "the C library is not glibc")
+        yield False
+        return
+    took = bool(mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES))
+    try:
+        yield took
+    finally:
+        mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT_BYTES)
+        mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT_BYTES)
 
 
 def _levels_and_cut(shape: torch.Size, p: float) -> tuple[torch.Tensor, int]:
@@ -90,17 +110,18 @@ def fast_dropout(model: nn.Module) -> Iterator[None]:
 
     The modules are swapped back afterwards, so the model the caller holds is unchanged.
     """
-    swapped = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-               if type(child) is nn.Dropout and child.p > 0]
-    for parent, name, original in swapped:
-        fast = FastDropout(original.p)
+    swapped = [(parent, name, child, FastDropout(child.p)) for parent in model.modules()
+               for name, child in parent.named_children() if type(child) is nn.Dropout and child.p > 0]
+    for parent, name, original, fast in swapped:
         fast.train(original.training)
         setattr(parent, name, fast)
     try:
         yield
     finally:
-        for parent, name, original in swapped:
-            original.train(getattr(parent, name).training)
+        for parent, name, original, fast in swapped:
+            if getattr(parent, name, None) is not fast:
+                continue  # someone else put another module there meanwhile: theirs stays
+            original.train(fast.training)
             setattr(parent, name, original)
 
 
@@ -155,39 +176,37 @@ def _fast_rms_norm_forward(module: nn.Module, hidden_states: torch.Tensor) -> to
     return cast(torch.Tensor, _FrozenRMSNorm.apply(hidden_states, weight, module.variance_epsilon))  # type: ignore[no-untyped-call]
 
 
+_checked_norm_classes: dict[type, bool] = {}
+
+
+def _norm_matches_stock(module: nn.Module) -> bool:
+    """Whether `_FrozenRMSNorm` gives this norm class's own forward, checked once per class on a small input."""
+    cls = type(module)
+    if cls not in _checked_norm_classes:
+        weight = cast(nn.Parameter, module.weight)
+        x = torch.randn(3, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
+        with torch.no_grad():
+            stock = cls.forward(module, x)
+            ours = _FrozenRMSNorm.apply(x, weight.detach(), module.variance_epsilon)  # type: ignore[no-untyped-call]
+        _checked_norm_classes[cls] = torch.allclose(stock.float(), ours.float(), rtol=1e-5, atol=1e-6)
+    return _checked_norm_classes[cls]
+
+
 @contextmanager
 def fast_rms_norm(model: nn.Module) -> Iterator[None]:
     """Run every Llama-style RMSNorm of `model` through `_FrozenRMSNorm` while its weight is frozen on CPU.
 
     A trainable norm weight (full fine-tuning), no_grad and other devices keep the module's own forward.
-    The instances' forward is overridden, and the override removed afterwards.
+    The instances' forward is overridden, and the override removed afterwards. On entry each norm
+    class is checked to still compute what `_FrozenRMSNorm` does; if not, the stock forward runs.
     """
-    with instance_forwards([module for module in model.modules() if _is_llama_rms_norm(module)],
-                           _fast_rms_norm_forward):
-        yield
-
-
-@contextmanager
-def instance_forwards(modules: Sequence[nn.Module], forward: Callable[[Any, torch.Tensor], torch.Tensor]
-                      ) -> Iterator[None]:
-    """Give each module `forward` as its own forward while inside; put back whatever it had before
-    (another context's forward, or none), so such contexts nest.
-
-    A forward that someone else installed meanwhile (transformers' `kernelize` at `train()`/`eval()`
-    replaces or removes instance forwards) is theirs: it is left in place, not overwritten.
-    """
-    previous = [module.__dict__.get("forward") for module in modules]
-    installed = []
-    for module in modules:
-        module.forward = MethodType(forward, module)
-        installed.append(module.__dict__["forward"])
     try:
+        norms = [module for module in model.modules() if _is_llama_rms_norm(module)]
+    except ImportError:  # transformers moved LlamaRMSNorm: nothing to compare against
+        fall_back("fast_rms_norm", "transformers has no LlamaRMSNorm to compare with")
+        norms = []
+    if norms and not all(_norm_matches_stock(module) for module in norms):
+        fall_back("fast_rms_norm", "transformers' RMSNorm no longer computes what it expects")
+        norms = []
+    with instance_forwards(norms, _fast_rms_norm_forward):
         yield
-    finally:
-        for module, before, ours in zip(modules, previous, installed, strict=True):
-            if module.__dict__.get("forward") is not ours:
-                continue  # replaced (or removed) by someone else while inside: keep theirs
-            if before is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = before

@@ -20,12 +20,11 @@ from peft import PeftModel
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tunewright import api
-from tunewright.adapters import base_model
+from tunewright import loading
 from tunewright.config import GenerationSettings, TunewrightConfig, load_config
 from tunewright.errors import TunewrightError
 from tunewright.heads import load_vocabulary
-from tunewright.model import LoadedModel, context_length, load_base_model, load_tokenizer
+from tunewright.model import LoadedModel, base_model, context_length, load_base_model, load_tokenizer
 from tunewright.predictor import TunedModel, attach_category
 from tunewright.run import check_complete, load_run_config, weights_kind
 
@@ -163,7 +162,7 @@ class _PoolBuilder:
         shared = self.base_for(config) if kind == "none" or _shareable(run_dir) else None
         if shared is None or (kind == "adapter" and not shared.accepts(adapter_type)):
             # Full weights, prompt learning, AdaLoRA, or a second adapter type: its own copy.
-            tuned = api.load(run_dir)
+            tuned = loading.load(run_dir)
             adapter_name = "default" if isinstance(tuned.model, PeftModel) else None
             parent = config.base_model if adapter_name else None
             self.add(ServedModel(name, tuned, adapter_name, parent, defaults=config.generation), str(run_dir))
@@ -173,7 +172,7 @@ class _PoolBuilder:
         tuned = TunedModel(shared.model, tokenizer, config)
         if (
             config.output_feature.type == "category"
-        ):  # labels (and the classifier head) as api.load gives them
+        ):  # labels (and the classifier head) as loading.load gives them
             attach_category(tuned, load_vocabulary(run_dir), run_dir)
             if tuned.classifier is not None:
                 tuned.classifier.eval()
@@ -184,7 +183,7 @@ class _PoolBuilder:
         config = load_config(path)
         name = name or path.stem
         if config.output_feature.type == "category":  # from_config checks and attaches the labels
-            tuned = api.from_config(config)
+            tuned = loading.from_config(config)
         else:
             tuned = TunedModel(self.base_for(config).model, self.base_for(config).loaded.tokenizer, config)
         self.add(ServedModel(name, tuned, None, None, defaults=config.generation), str(path))

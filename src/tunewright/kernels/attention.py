@@ -26,13 +26,15 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from tunewright.adapters import base_model
+from tunewright.kernels.forwards import fall_back
+from tunewright.model import base_model
 
 VARLEN_SDPA = "tunewright_varlen_sdpa"
 # Implementations that attend per sample given the boundaries ("sdpa" is switched to VARLEN_SDPA
 # for packed training). Any other one computes a packed row's whole (W, W) scores under a mask,
 # so its rows are kept short: the mask and the scores grow with the square of the row.
-VARLEN_CAPABLE = {"sdpa", VARLEN_SDPA, "flash_attention_2", "flash_attention_3"}
+NATIVE_VARLEN = {"flash_attention_2", "flash_attention_3"}  # read the boundaries themselves
+VARLEN_CAPABLE = {"sdpa", VARLEN_SDPA, *NATIVE_VARLEN}
 MASKED_ROW_TOKENS = 512
 
 
@@ -43,7 +45,11 @@ def _fp32_matmuls_on_bf16_units() -> Iterator[None]:
     Only for tensors whose values are bf16 already: their products are exact in bf16 units, so the
     result is what an fp32 matmul gives, about twice as fast on a CPU with bf16 units.
     """
-    matmul = torch.backends.mkldnn.matmul  # type: ignore[attr-defined]  # a runtime property module
+    matmul = getattr(torch.backends.mkldnn, "matmul", None)  # a runtime property module (torch >= 2.9)
+    if matmul is None or not hasattr(matmul, "fp32_precision"):
+        fall_back("bf16 multiplies for fp32 attention matmuls", f"torch {torch.__version__} has no such setting")
+        yield
+        return
     previous = matmul.fp32_precision
     matmul.fp32_precision = "bf16"
     try:
@@ -212,10 +218,13 @@ def varlen_kwargs(cu_seq_lens: torch.Tensor) -> dict[str, Any]:
             "max_length_q": longest, "max_length_k": longest}
 
 
+def attention_implementation(model: nn.Module) -> str | None:
+    return getattr(getattr(base_model(model), "config", None), "_attn_implementation", None)
+
+
 def packed_row_capacity(model: nn.Module) -> int | None:
     """Tokens per packed row: no limit (one row per micro-batch) with varlen attention, else 512."""
-    implementation = getattr(getattr(base_model(model), "config", None), "_attn_implementation", None)
-    return None if implementation in VARLEN_CAPABLE else MASKED_ROW_TOKENS
+    return None if attention_implementation(model) in VARLEN_CAPABLE else MASKED_ROW_TOKENS
 
 
 @contextmanager

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tunewright.onednn_training import Matmul, onednn_matmuls
+from tunewright.kernels.onednn_training import Matmul, onednn_matmuls
 
 CHUNK_ELEMENTS = 1 << 25  # logits per chunk (128 MiB in fp32)
 

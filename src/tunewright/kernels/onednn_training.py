@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunewright.cpu_speed import instance_forwards
-from tunewright.prepacked import packable
+from tunewright.kernels.forwards import instance_forwards
+from tunewright.kernels.prepacked import packable
 
 Matmul = Callable[[torch.Tensor], torch.Tensor]
 

@@ -1,0 +1,51 @@
+"""TunedModel from a run folder or straight from a config: what `tunewright.load` returns."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tunewright.adapters import load_adapter
+from tunewright.config import TunewrightConfig, load_config
+from tunewright.errors import ConfigError
+from tunewright.heads import load_vocabulary
+from tunewright.model import load_base_model, load_tokenizer, require_quantization_support
+from tunewright.predictor import TunedModel, attach_category
+from tunewright.run import check_complete, load_run_config, weights_kind
+
+
+def from_config(config: str | Path | dict[str, Any] | TunewrightConfig) -> TunedModel:
+    """A zero-shot model straight from a config (no run folder): the base model as configured."""
+    config = load_config(config)
+    require_quantization_support(config.quantization, config.backend)
+    loaded = load_base_model(config.base_model, config.backend, config.quantization)
+    loaded.model.eval()
+    tuned = TunedModel(loaded.model, loaded.tokenizer, config)
+    if config.output_feature.type == "category":
+        if config.output_feature.labels is None:
+            raise ConfigError(
+                "output_features[0].labels: a category model used straight from its config needs its labels "
+                "listed there (or train with trainer.type none to take them from the data)"
+            )
+        attach_category(tuned, config.output_feature.labels)
+    return tuned
+
+
+def load(run_dir: str | Path) -> TunedModel:
+    """Load a complete run folder: base model + saved adapter, or the saved full weights."""
+    run_dir = check_complete(run_dir)
+    config = load_run_config(run_dir)
+    kind = weights_kind(run_dir)
+    if kind == "full":
+        loaded = load_base_model(str(run_dir), config.backend)
+    else:
+        loaded = load_base_model(config.base_model, config.backend, config.quantization)
+        loaded.tokenizer = load_tokenizer(str(run_dir), config.backend.trust_remote_code)
+    model = load_adapter(loaded.model, str(run_dir)) if kind == "adapter" else loaded.model
+    model.eval()
+    tuned = TunedModel(model, loaded.tokenizer, config)
+    if config.output_feature.type == "category":
+        attach_category(tuned, load_vocabulary(run_dir), run_dir)
+        if tuned.classifier is not None:
+            tuned.classifier.eval()
+    return tuned
