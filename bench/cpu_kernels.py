@@ -6,8 +6,8 @@ training benchmark (`train_speed.py`: four samples of 62-150 tokens packed into 
 
 - `attention`: `attention._BF16SpanAttention` against PyTorch's flash-attention SDPA per span in
   fp32 and in bf16, plus each one's relative error against fp64 (output, dq, dk, dv);
-- `rms_norm`: `cpu_speed._FrozenRMSNorm` against transformers' LlamaRMSNorm module (bf16, frozen weight);
-- `dropout`: `cpu_speed.FastDropout` (a 0/1 factor) against the same mask applied with `masked_fill`;
+- `rms_norm`: `kernels.cpu_training._FrozenRMSNorm` against transformers' LlamaRMSNorm module (bf16, frozen weight);
+- `dropout`: `kernels.cpu_training.FastDropout` (a 0/1 factor) against the same mask applied with `masked_fill`;
 - `lm_loss`: the fused LM-head loss (`lm_loss.linear_cross_entropy`, 300 target rows) against
   `lm_head` + `F.cross_entropy` under bf16 autocast;
 - `training_linears` (fp32 training): every frozen linear layer of SmolLM2-135M at 480 rows (a

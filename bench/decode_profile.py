@@ -7,7 +7,7 @@ Measures, on smollm2-135m (fp32) with the same 16 Alpaca prompts as bench/genera
 - where a decode step's time goes at batch 1 and 16 (profiler self time: matmuls, KV-cache cat,
   attention);
 - the machine's memory read bandwidth (summing a 1 GiB fp32 tensor) and fp32 matmul limit;
-- tunewright's own pieces, on its packed weights (`prepacked.py`): the prefill padded and packed
+- tunewright's own pieces, on its packed weights (`kernels/prepacked.py`): the prefill padded and packed
   (`generate.packed_prefill`, alternating), a decode step at 16 rows, and that step's linear layers
   alone; the floor of tunewright's run is its packed prefill + 31 steps of nothing but the linears.
 

@@ -5,7 +5,7 @@ Zero-shot `label_scoring` on smollm2-135m (fp32) over the first rows of ../share
 (`label_log_probs`: batches of 16 sorted by length). Two ways, alternating round by round:
 - `padded`: the baseline: one left-padded pass over the prompts, `F.linear`;
 - `tunewright`: the prompts as one packed row (`generate.packed_prefill`) and the linear layers on
-  weights packed once for oneDNN (`prepacked.py`), as generation does.
+  weights packed once for oneDNN (`kernels/prepacked.py`), as generation does.
 Reports seconds, the ratio, the largest difference in label log-probabilities and whether every
 row picks the same label.
 
@@ -39,7 +39,7 @@ def scorer(model: Any, prompt_ids: list[list[int]], padded: bool) -> torch.Tenso
     with ExitStack() as stack:
         if padded:
             stack.enter_context(mock.patch.object(heads, "packed_prefill_applies", lambda model, mask: False))
-            stack.enter_context(mock.patch.object(predictor, "prepacked_linears", lambda model: nullcontext()))
+            stack.enter_context(mock.patch.object(predictor, "inference_kernels", lambda model: nullcontext()))
         return model.label_log_probs(prompt_ids)
 
 

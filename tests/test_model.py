@@ -76,3 +76,12 @@ def test_hub_id_offline_fails_fast_and_clearly(monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="Hugging Face Hub is not reachable \\(offline\\)"):
         resolve_model_source("someone/some-model")
+
+
+def test_hub_kernels_are_off_unless_asked_for(tiny_model_dir: Path) -> None:
+    """transformers >= 5.25 kernelizes through Hub kernels by default; a run must not reach the network for them."""
+    loaded = load_base_model(str(tiny_model_dir), BackendConfig(device="cpu"))
+    assert not getattr(loaded.model, "use_kernels", False)
+    loaded.model.train()  # where transformers would kernelize
+    loaded.model.eval()
+    assert not getattr(loaded.model, "use_kernels", False)

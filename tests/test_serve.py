@@ -661,7 +661,6 @@ def test_greedy_batches_run_our_loop_with_the_same_rows_as_generate(served: Fixt
     """Per-row limits, stop strings and streaming give the same events through the greedy loop
     (packed prefill, finished rows leave the batch) as through `generate`."""
     from tunewright import generate
-    from tunewright.serving import engine
 
     tokenizer = served.models["beta"].tuned.tokenizer
     settings = GenerationSettings(max_new_tokens=12)
@@ -676,12 +675,13 @@ def test_greedy_batches_run_our_loop_with_the_same_rows_as_generate(served: Fixt
         return events
 
     calls: list[int] = []
-    monkeypatch.setattr(engine, "greedy_decode", lambda *args, **kwargs: calls.append(1) or
-                        generate.greedy_decode(*args, **kwargs))
+    greedy_decode = generate.greedy_decode
+    monkeypatch.setattr(generate, "greedy_decode", lambda *args, **kwargs: calls.append(1) or
+                        greedy_decode(*args, **kwargs))
     first_text = events_of_one_batch(())[0][-1].text
     stop = (first_text[3:5],)  # row 0 stops inside its answer
     ours = events_of_one_batch(stop)
-    monkeypatch.setattr(engine, "uses_greedy_loop", lambda model, settings: False)
+    monkeypatch.setattr(generate, "uses_greedy_loop", lambda model, settings: False)
     theirs = events_of_one_batch(stop)
     assert calls == [1, 1] and ours == theirs
     finished = [row[-1] for row in ours]

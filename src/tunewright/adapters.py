@@ -59,9 +59,6 @@ DEFAULT_IA3_MODULES = {
 }
 StepHook = Callable[[int, int], None]
 
-# peft warns on every prompt-tuning generate() that it drops the position ids transformers passes;
-# nothing a user can act on (RoPE keeps the prompt's relative positions), so keep it out of logs.
-warnings.filterwarnings("ignore", message="Position ids are not supported for parameter efficient tuning")
 
 
 @dataclass

@@ -16,19 +16,27 @@ compare every token with `generate` on F.linear.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, cast
 
 import torch
 from torch import nn
-from transformers import DynamicCache, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    DynamicCache,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StoppingCriteriaList,
+)
 from transformers.cache_utils import DynamicLayer
 
 from tunewright.adapters import uses_virtual_tokens
 from tunewright.config import GenerationSettings
 from tunewright.data import collate_prompts
+from tunewright.kernels import inference_kernels
 from tunewright.kernels.attention import packed_attention, packed_row_capacity, varlen_kwargs
-from tunewright.kernels.prepacked import prepacked_linears
 from tunewright.progress import work_progress
 
 
@@ -173,7 +181,33 @@ def greedy_decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     return results
 
 
-@torch.inference_mode()
+@contextmanager
+def quiet_prompt_learning() -> Iterator[None]:
+    """peft warns on every prompt-tuning generate() that it drops the position ids transformers passes;
+    nothing a user can act on (RoPE keeps the prompt's relative positions). Silenced here only."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Position ids are not supported for parameter efficient tuning")
+        yield
+
+
+def generate_batch(model: nn.Module, batch: dict[str, torch.Tensor], settings: GenerationSettings,
+                   config: GenerationConfig, stop_ids: set[int], on_token: Callable[[int, int], bool] | None = None,
+                   stopping_criteria: StoppingCriteriaList | None = None) -> list[list[int]] | None:
+    """New tokens of one left-padded batch: the one place that picks tunewright's greedy loop or `generate`.
+
+    Plain greedy decoding runs `greedy_decode` (packed prefill, finished rows leave the batch;
+    `on_token` sees every token); anything else runs transformers' `generate` with
+    `stopping_criteria`. Returns each row's new tokens (not trimmed at stop tokens).
+    """
+    with torch.inference_mode(), inference_kernels(model):
+        if uses_greedy_loop(model, settings):
+            return greedy_decode(model, batch["input_ids"], batch["attention_mask"], config.max_new_tokens,
+                                 stop_ids, on_token=on_token)
+        with quiet_prompt_learning():
+            output = model.generate(**batch, generation_config=config, stopping_criteria=stopping_criteria)
+        return cast(list[list[int]], output[:, batch["input_ids"].shape[1] :].tolist())
+
+
 def generate_ids(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -184,23 +218,18 @@ def generate_ids(
     """Generate for every prompt, in batches sorted by length to cut padding; results keep input order."""
     config = to_generation_config(settings, tokenizer)
     stop_ids = stop_token_ids(tokenizer)
-    greedy = uses_greedy_loop(model, settings)
     order = sorted(range(len(prompt_ids)), key=lambda row: len(prompt_ids[row]), reverse=True)
     results: list[list[int]] = [[] for _ in prompt_ids]
     device = next(model.parameters()).device
-    # On CPU the linear layers run on weights packed once (kernels/prepacked.py): decode steps are small matmuls.
-    with prepacked_linears(model), work_progress(len(prompt_ids), "generating", show_progress) as progress:
+    # On CPU the linear layers run on weights packed once (kernels/prepacked.py): decode steps are small
+    # matmuls; entered here too so that every batch reuses the packed weights.
+    with inference_kernels(model), work_progress(len(prompt_ids), "generating", show_progress) as progress:
         for start in range(0, len(order), settings.batch_size):
             rows = order[start : start + settings.batch_size]
             batch = collate_prompts([prompt_ids[r] for r in rows], tokenizer.pad_token_id)
             batch = {key: value.to(device) for key, value in batch.items()}
-            if greedy:
-                new_tokens = greedy_decode(model, batch["input_ids"], batch["attention_mask"],
-                                           config.max_new_tokens, stop_ids)
-            else:
-                output = model.generate(**batch, generation_config=config)  # (B, T + new)
-                new_tokens = output[:, batch["input_ids"].shape[1] :].tolist()
-            for row, tokens in zip(rows, new_tokens, strict=True):
+            new_tokens = generate_batch(model, batch, settings, config, stop_ids)
+            for row, tokens in zip(rows, new_tokens or [], strict=True):
                 results[row] = trim_at_stop(tokens, stop_ids)
             progress.update(advance=len(rows))
     return results

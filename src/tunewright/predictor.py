@@ -23,7 +23,7 @@ from tunewright.heads import (
     load_head,
     score_labels,
 )
-from tunewright.kernels.prepacked import prepacked_linears
+from tunewright.kernels import inference_kernels
 from tunewright.model import base_model, max_input_length
 from tunewright.progress import work_progress
 
@@ -84,7 +84,7 @@ class TunedModel:
         order = sorted(range(len(prompt_ids)), key=lambda row: len(prompt_ids[row]), reverse=True)
         result = torch.zeros(len(prompt_ids), len(self.labels))
         # As in generation: inference on CPU multiplies through weights packed once (kernels/prepacked.py).
-        with prepacked_linears(self.model), work_progress(len(prompt_ids), "scoring labels", show_progress) as progress:
+        with inference_kernels(self.model), work_progress(len(prompt_ids), "scoring labels", show_progress) as progress:
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
                 batch = [prompt_ids[row] for row in rows]

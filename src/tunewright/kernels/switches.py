@@ -18,6 +18,8 @@ import os
 
 import torch
 
+from tunewright.errors import ConfigError
+
 KERNELS = "TUNEWRIGHT_KERNELS"
 CPU_BF16 = "TUNEWRIGHT_CPU_BF16"
 ONEDNN = "TUNEWRIGHT_ONEDNN"
@@ -28,7 +30,7 @@ def setting(name: str) -> str:
     """The variable's value, `auto` when unset; an unknown value is refused in one line."""
     value = os.environ.get(name, "auto").strip().lower() or "auto"
     if value not in _CHOICES[name]:
-        raise ValueError(f"{name}={value!r}: use one of {', '.join(_CHOICES[name])}")
+        raise ConfigError(f"environment variable {name}={value!r}: use one of {', '.join(_CHOICES[name])}")
     return value
 
 

@@ -22,8 +22,7 @@ from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCrit
 from tunewright.config import GenerationSettings
 from tunewright.data import collate_prompts
 from tunewright.errors import TunewrightError
-from tunewright.generate import greedy_decode, stop_token_ids, to_generation_config, uses_greedy_loop
-from tunewright.kernels.prepacked import prepacked_linears
+from tunewright.generate import generate_batch, stop_token_ids, to_generation_config
 from tunewright.predictor import predict_rows
 from tunewright.serving.errors import APIError
 from tunewright.serving.pool import ServedModel
@@ -235,23 +234,19 @@ def run_generation(jobs: list[GenerationJob]) -> None:
         device = next(model.parameters()).device
         padded = collate_prompts([job.prompt_ids for job in jobs], tokenizer.pad_token_id)
         batch = {name: tensor.to(device) for name, tensor in padded.items()}  # (B, T)
-        kernels = prepacked_linears(model)  # CPU weights packed once per model
-        if uses_greedy_loop(model, first.settings):
-            def push(row: int, token: int) -> bool:  # True once the row is done (stop, limit, client gone)
-                rows[row].push(token)
-                return rows[row].finished
 
-            with torch.inference_mode(), kernels:
-                greedy_decode(model, batch["input_ids"], batch["attention_mask"], config.max_new_tokens, stop_ids,
-                              on_token=push)
-        else:
-            criteria = StoppingCriteriaList([RowTracker(rows)]) if track else None
-            with seeded(first.seed, device), torch.inference_mode(), kernels:
-                output = model.generate(**batch, generation_config=config, stopping_criteria=criteria)
-            if not track:
-                for row, tokens in zip(rows, output[:, batch["input_ids"].shape[1] :].tolist(), strict=True):
-                    for token in tokens:
-                        row.push(token)
+        def push(row: int, token: int) -> bool:  # the greedy loop's hook: True once the row is done
+            rows[row].push(token)
+            return rows[row].finished
+
+        criteria = StoppingCriteriaList([RowTracker(rows)]) if track else None
+        with seeded(first.seed, device):
+            new_tokens = generate_batch(model, batch, first.settings, config, stop_ids, on_token=push,
+                                        stopping_criteria=criteria)
+        if not track:  # beams: replay each row's tokens (greedy and sampled rows were tracked as they came)
+            for row, tokens in zip(rows, new_tokens, strict=True):
+                for token in tokens:
+                    row.push(token)
     for row in rows:
         row.close()
 
