@@ -117,7 +117,7 @@ def test_null_cells_are_dropped_counted_and_named(config_file: Path, tmp_path: P
     exit_code, output = run_train(config_file, data, tmp_path)
     assert exit_code == 0, output
     flat = " ".join(output.split())
-    assert "dropped 2 row(s) with empty cells in word, echo (data rows 3, 6)" in flat
+    assert "dropped 2 row(s) whose target 'echo' is empty (data rows 3, 6)" in flat
 
 
 def test_a_byte_order_mark_does_not_hide_the_first_column(config_file: Path, tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from tunewright.data import (
     as_frame,
     build_examples,
     check_columns,
-    drop_null_rows,
+    drop_missing_targets,
     encode_prompts,
     fit_prompts,
     render_prompts,
@@ -76,13 +76,13 @@ def _load_splits(config: TunewrightConfig, dataset: Dataset, validation: Dataset
     frame, source = as_frame(dataset)
     needed = [*config.input_columns, config.output_feature.name]
     check_columns(frame, needed, source)
-    frame = drop_null_rows(frame, needed, source)
+    frame = drop_missing_targets(frame, config.output_feature.name, source)
     if validation is None:
         splits = split_frame(frame, config.preprocessing, config.trainer.seed)
     else:
         validation_frame, validation_source = as_frame(validation, "validation dataset")
         check_columns(validation_frame, needed, validation_source)
-        validation_frame = drop_null_rows(validation_frame, needed, validation_source)
+        validation_frame = drop_missing_targets(validation_frame, config.output_feature.name, validation_source)
         splits = Splits(frame, validation_frame, frame.iloc[0:0])
     if len(splits.train) == 0 and config.trainer.type == "finetune":
         raise DataError(f"{source}: the training split is empty; add rows or change preprocessing.split")

@@ -8,7 +8,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pandas as pd
 import torch
@@ -53,18 +53,54 @@ def _first_bad_utf8_line(path: Path) -> int:
     return 0
 
 
-def _unique_keys(path: Path, line_number: int) -> Any:
+def _unique_keys(where: str) -> Any:
     """A json object_pairs_hook that refuses duplicate keys (json.loads would keep the last silently)."""
 
     def build(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         row: dict[str, Any] = {}
         for key, value in pairs:
             if key in row:
-                raise DataError(f"{path}:{line_number}: key '{key}' appears more than once; keep one")
+                raise DataError(f"{where}: key '{key}' appears more than once; keep one")
             row[key] = value
         return row
 
     return build
+
+
+class _JsonNumber(str):
+    """A JSON number kept as the text it was written as (`1e5`, `0.10`, `007` never become floats)."""
+
+
+def _load_json(text: str, where: str) -> Any:
+    return json.loads(text, object_pairs_hook=_unique_keys(where), parse_int=_JsonNumber, parse_float=_JsonNumber,
+                      parse_constant=_JsonNumber)
+
+
+def _json_text(value: Any) -> str:
+    """A nested JSON value back as JSON text, numbers as written."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(key, ensure_ascii=False)}: {_json_text(item)}"
+                               for key, item in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_json_text(item) for item in value) + "]"
+    if isinstance(value, _JsonNumber):
+        return str(value)
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _json_cell(value: Any) -> Any:
+    """A JSON cell as text: numbers as written, true/false as written, nested values as JSON; null stays missing."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (dict, list)):
+        return _json_text(value)
+    return str(value)
+
+
+def _json_rows(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    return pd.DataFrame([{key: _json_cell(value) for key, value in row.items()} for row in rows], dtype=object)
 
 
 def _check_csv_header(path: Path, separator: str) -> None:
@@ -83,23 +119,71 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
     with path.open("rb") as handle:
         for line_number, raw in enumerate(handle, start=1):
             try:
-                text = raw.decode("utf-8").strip()
+                text = raw.decode("utf-8-sig" if line_number == 1 else "utf-8").strip()
             except UnicodeDecodeError:
                 raise DataError(f"{path}:{line_number}: not valid UTF-8; re-encode the file as UTF-8") from None
             if not text:
                 continue
             try:
-                row = json.loads(text, object_pairs_hook=_unique_keys(path, line_number))
+                row = _load_json(text, f"{path}:{line_number}")
             except json.JSONDecodeError as error:
                 raise DataError(f"{path}:{line_number}: malformed JSON line ({error.msg}); fix or remove it") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{line_number}: each JSONL line must be an object of column values")
             rows.append(row)
-    return pd.DataFrame(rows)
+    return _json_rows(rows)
+
+
+def _read_json(path: Path) -> pd.DataFrame:
+    """A JSON array of row objects, or an object of columns; JSON Lines in a `.json` file is read as such."""
+    text = path.read_bytes().decode("utf-8-sig")
+    try:
+        data = _load_json(text, str(path))
+    except json.JSONDecodeError as error:
+        if error.msg != "Extra data":
+            raise DataError(f"{path}: could not read the JSON file ({error.msg} at line {error.lineno}, "
+                            f"column {error.colno}); fix it") from None
+        data = None  # several top-level values: JSON Lines
+    values = data.values() if isinstance(data, dict) else []
+    if data is None or (isinstance(data, dict) and not any(isinstance(value, (dict, list)) for value in values)):
+        # `datasets`' to_json writes JSON Lines by default, whatever the extension says.
+        log.info("%s: the file holds JSON Lines (one object per line); read it as JSON Lines", path)
+        return _read_jsonl(path)
+    if isinstance(data, list):
+        for position, row in enumerate(data, start=1):
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: item {position} of the JSON array is not an object of column values; "
+                                "use a list of row objects")
+        return _json_rows(data)
+    if isinstance(data, dict):
+        columns = {}
+        for name, cells in data.items():
+            if isinstance(cells, dict):
+                cells = list(cells.values())
+            if not isinstance(cells, list):
+                raise DataError(f"{path}: column '{name}' is not a list or an object of cells; use a list of rows")
+            columns[name] = [_json_cell(cell) for cell in cells]
+        lengths = {len(cells) for cells in columns.values()}
+        if len(lengths) > 1:
+            raise DataError(f"{path}: the columns have different lengths ({', '.join(map(str, sorted(lengths)))}); "
+                            "give every column one cell per row")
+        return pd.DataFrame(columns, dtype=object)
+    raise DataError(f"{path}: the JSON file must hold a list of row objects (or JSON Lines)")
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    """Parquet's own column types, with no further conversion: integers with nulls stay integers."""
+    import pyarrow.parquet as parquet
+
+    return parquet.read_table(path).to_pandas(integer_object_nulls=True)
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
-    """Read a CSV, TSV, JSON, JSONL or Parquet file into a DataFrame of strings and numbers.
+    """Read a CSV, TSV, JSON, JSONL or Parquet file into a DataFrame, every cell as written.
+
+    CSV, TSV, JSON and JSONL cells are text: `007`, `1e5`, `NA`, `true` and dates stay exactly what
+    the file says, and an empty CSV/TSV cell is an empty string. JSON `null` is a missing cell.
+    Parquet keeps its own column types. A `.json` file holding JSON Lines is read as JSON Lines.
 
     Raises:
         DataError: the file is missing, of an unknown type, unreadable or has no rows.
@@ -117,12 +201,13 @@ def read_table(path: str | Path) -> pd.DataFrame:
             separator = "," if kind == "csv" else "\t"
             _check_csv_header(path, separator)
             # utf-8-sig: a byte-order mark (Excel writes one) would otherwise stick to the first column name.
-            frame = pd.read_csv(path, sep=separator, dtype=str, keep_default_na=False, na_values=[""],
+            # na_filter off: no cell is read as missing (`NA`, `None`, and an empty cell is "").
+            frame = pd.read_csv(path, sep=separator, dtype=str, keep_default_na=False, na_filter=False,
                                 encoding="utf-8-sig")
         elif kind == "json":
-            frame = pd.read_json(path)
+            frame = _read_json(path)
         else:
-            frame = pd.read_parquet(path)
+            frame = _read_parquet(path)
     except DataError:
         raise
     except UnicodeDecodeError:
@@ -143,25 +228,40 @@ def read_table(path: str | Path) -> pd.DataFrame:
 
 
 def check_columns(frame: pd.DataFrame, columns: Sequence[str], source: str) -> None:
-    """Every needed column exists and is not entirely empty; the message lists the columns found."""
+    """Every needed column exists; the message lists the columns found.
+
+    Empty cells are not checked here: an empty input is an empty string (see `render_prompts`)
+    and only an empty target drops a row (see `drop_missing_targets`).
+    """
     for column in columns:
         if column not in frame.columns:
             found = ", ".join(map(str, frame.columns))
             raise DataError(f"{source}: column '{column}' not found (columns: {found}); fix the config or the data")
-        if frame[column].isna().all():
-            raise DataError(f"{source}: column '{column}' has no values (every cell is empty)")
 
 
-def drop_null_rows(frame: pd.DataFrame, columns: Sequence[str], source: str) -> pd.DataFrame:
-    """Rows with an empty needed cell are dropped, counted and reported, never silently."""
-    null_rows = frame[list(columns)].isna().any(axis=1)
-    if null_rows.any():
-        first = [str(position + 1) for position in null_rows.to_numpy().nonzero()[0][:5]]
-        log.warning("%s: dropped %d row(s) with empty cells in %s (data rows %s%s)", source, int(null_rows.sum()),
-                    ", ".join(columns), ", ".join(first), ", ..." if null_rows.sum() > len(first) else "")
-        frame = frame[~null_rows].reset_index(drop=True)
-    if len(frame) == 0:
-        raise DataError(f"{source}: no rows left after dropping rows with empty cells in {', '.join(columns)}")
+def _is_missing(value: Any) -> bool:
+    """An empty cell: null/NaN in any format, or the empty string (all an empty CSV cell can be)."""
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return value == ""
+    return bool(pd.api.types.is_scalar(value) and pd.isna(value))
+
+
+def drop_missing_targets(frame: pd.DataFrame, target: str, source: str) -> pd.DataFrame:
+    """Rows whose target cell is empty are dropped, counted and reported, never silently.
+
+    The same in every format and every command that reads targets (train, evaluate); empty
+    inputs never drop a row. A target column with no value at all is an error.
+    """
+    missing = frame[target].map(_is_missing).astype(bool)
+    if missing.all():
+        raise DataError(f"{source}: column '{target}' has no values (every cell is empty); fill in the targets")
+    if missing.any():
+        first = [str(position + 1) for position in missing.to_numpy().nonzero()[0][:5]]
+        log.warning("%s: dropped %d row(s) whose target '%s' is empty (data rows %s%s)", source, int(missing.sum()),
+                    target, ", ".join(first), ", ..." if missing.sum() > len(first) else "")
+        frame = frame[~missing].reset_index(drop=True)
     return frame
 
 
@@ -188,8 +288,11 @@ def split_frame(frame: pd.DataFrame, preprocessing: PreprocessingConfig, seed: i
 
 def render_prompts(frame: pd.DataFrame, config: TunewrightConfig) -> list[str]:
     template = config.prompt_template
-    check_columns(frame, template_fields(template), "dataset")
-    return [render_prompt(template, row, config.prompt.task) for row in frame.to_dict("records")]
+    fields = template_fields(template)
+    check_columns(frame, fields, "dataset")
+    # An empty input (null, NaN, or an empty CSV cell) is the empty string in every format, never "nan".
+    rows = ({name: "" if _is_missing(row[name]) else row[name] for name in fields} for row in frame.to_dict("records"))
+    return [render_prompt(template, row, config.prompt.task) for row in rows]
 
 
 def encode_prompts(
@@ -288,20 +391,45 @@ def collate_prompts(prompt_ids: Sequence[list[int]], pad_id: int) -> dict[str, t
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-Dataset = str | Path | pd.DataFrame | list[dict[str, Any]]
+class TableLike(Protocol):
+    """Anything with `to_pandas()`: a `datasets.Dataset`, a pyarrow Table."""
+
+    def to_pandas(self) -> Any: ...
+
+
+Dataset = str | Path | pd.DataFrame | list[dict[str, Any]] | TableLike
 
 
 def as_frame(dataset: Dataset, name: str = "dataset") -> tuple[pd.DataFrame, str]:
-    """A DataFrame and a name for messages, from a file path, a DataFrame or a list of row dicts."""
-    if isinstance(dataset, pd.DataFrame):
-        frame, source = dataset, name
-    elif isinstance(dataset, list):
-        frame, source = pd.DataFrame(dataset), name
-    else:
+    """A DataFrame and a name for messages, from a file path, a DataFrame, a list of row dicts or a
+    `datasets.Dataset` (anything with `to_pandas()`; `datasets` is never imported here).
+
+    Raises:
+        DataError: the object is none of these, or has no rows.
+    """
+    if isinstance(dataset, (str, Path)):
         return read_table(dataset), str(dataset)
+    if isinstance(dataset, pd.DataFrame):
+        frame = dataset
+    elif isinstance(dataset, list):
+        for position, row in enumerate(dataset, start=1):
+            if not isinstance(row, dict):
+                raise DataError(f"{name}: row {position} is not a dict of column values; pass a list of dicts")
+        frame = pd.DataFrame(dataset)
+    elif callable(getattr(dataset, "to_pandas", None)):
+        frame = dataset.to_pandas()
+        if not isinstance(frame, pd.DataFrame):  # an iterable Dataset gives batches
+            raise DataError(f"{name}: {type(dataset).__name__}.to_pandas() gave no DataFrame; pass a datasets.Dataset")
+    elif isinstance(dataset, dict) and all(callable(getattr(part, "to_pandas", None)) for part in dataset.values()):
+        splits = ", ".join(map(str, dataset))
+        raise DataError(f"{name}: a {type(dataset).__name__} of splits ({splits}); pass one split, for example "
+                        "dataset['train']")
+    else:
+        raise DataError(f"{name}: expected a file path, a pandas DataFrame, a list of row dicts or a datasets.Dataset, "
+                        f"got {type(dataset).__name__}")
     if len(frame) == 0:
-        raise DataError(f"{source}: no data rows")
-    return frame, source
+        raise DataError(f"{name}: no data rows")
+    return frame, name
 
 
 def write_table(frame: pd.DataFrame, path: str | Path) -> None:

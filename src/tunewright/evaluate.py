@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from tunewright.data import build_examples, check_columns, drop_null_rows
+from tunewright.data import build_examples, check_columns, drop_missing_targets
 from tunewright.generate import generate_ids
 from tunewright.heads import label_texts
 from tunewright.metrics import category_metrics, generated_token_accuracy, label_cross_entropy, text_metrics
@@ -27,10 +27,10 @@ class Evaluation:
 
 
 def prepare_labelled(tuned: TunedModel, frame: pd.DataFrame, source: str = "dataset") -> pd.DataFrame:
-    """Rows with every input and the output present; missing columns are errors, empty cells are dropped."""
+    """Missing columns are errors; rows with an empty target are dropped, empty inputs are kept (as "")."""
     needed = [*tuned.config.input_columns, tuned.config.output_feature.name]
     check_columns(frame, needed, source)
-    return drop_null_rows(frame, needed, source)
+    return drop_missing_targets(frame, tuned.config.output_feature.name, source)
 
 
 def evaluate_text(tuned: TunedModel, frame: pd.DataFrame, batch_size: int,
