@@ -61,6 +61,7 @@ from tunewright.run import (
     write_metrics,
 )
 from tunewright.train import fit, total_optimizer_steps
+from tunewright.trust import remote_code_trusted, with_trust
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,7 @@ def train(
     show_progress: bool = True,
     from_run: str | Path | None = None,
     resume: bool = False,
+    trust_remote_code: bool | None = None,
 ) -> TrainResult:
     """Fine-tune (or, with trainer.type none, set up zero-shot) and write a complete run folder.
 
@@ -128,6 +130,10 @@ def train(
 
     With `resume`, an unfinished run in `output_dir` continues from its newest checkpoint and
     ends exactly as an uninterrupted run would (a different model, adapter or dataset is refused).
+
+    Remote code: the config's backend.trust_remote_code counts for its base model, and
+    `trust_remote_code` (None: TUNEWRIGHT_TRUST_REMOTE_CODE) turns it on too. Weights loaded
+    from `from_run`'s folder run its code only with `trust_remote_code` (or the variable).
 
     Everything that can be checked without the model (config, files, columns) is checked first.
     The run folder is marked complete only after every file is written.
@@ -145,7 +151,11 @@ def train(
     checkpoint = _open_run_folder(run_dir, config, fingerprint, accelerator, resume, overwrite)
     try:
         set_seed(config.trainer.seed)  # adapter initialisation, so a rerun with the same seed is identical
-        loaded = load_base_model(weights_source(config, previous_run), config.backend, config.quantization,
+        source = weights_source(config, previous_run)
+        trusted = remote_code_trusted(trust_remote_code)
+        if source == config.base_model:
+            trusted = trusted or config.backend.trust_remote_code
+        loaded = load_base_model(source, with_trust(config.backend, trusted), config.quantization,
                                  accelerator.device)
         started = time.perf_counter()
         if config.trainer.type == "none":

@@ -42,6 +42,12 @@ state: dict[str, bool] = {"debug": False, "quiet": False}
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="YAML config file.")]
 DatasetOption = Annotated[Path, typer.Option("--dataset", "-d", help="CSV, JSONL or Parquet file.")]
+# Only the person running the command can let model code run: a run folder's saved config never can.
+TrustOption = Annotated[bool, typer.Option(
+    "--trust-remote-code",
+    help="Let the model's or tokenizer's own Python code run (auto_map); only for sources you trust. "
+    "Also TUNEWRIGHT_TRUST_REMOTE_CODE=1. A run folder's saved backend.trust_remote_code is ignored.",
+)]
 
 
 @app.callback()
@@ -91,24 +97,28 @@ def train(
     resume: Annotated[bool, typer.Option(
         help="Continue the unfinished run in --output-dir from its newest checkpoint (bit-exact)."
     )] = False,
+    trust_remote_code: TrustOption = False,
 ) -> None:
     """Fine-tune a model (or set up zero-shot) and write a run folder."""
     from tunewright import api
 
     result = api.train(config, dataset, output_dir, validation, overwrite, show_progress=not state["quiet"],
-                       from_run=from_run, resume=resume)
+                       from_run=from_run, resume=resume, trust_remote_code=trust_remote_code or None)
     for split_name in ("validation", "test"):
         if split_name in result.metrics:
             print_metrics(f"{split_name} metrics", result.metrics[split_name])
     Console().print(f"run folder: {result.run_dir}")
 
 
-def _model_for(model: Path | None, config: Path | None) -> Any:
+def _model_for(model: Path | None, config: Path | None, trust_remote_code: bool) -> Any:
     from tunewright import api
 
     if (model is None) == (config is None):
         raise TunewrightError("pass exactly one of --model RUN_FOLDER or --config CONFIG (zero-shot)")
-    return api.load(model) if model is not None else api.from_config(config)  # type: ignore[arg-type]
+    trust = trust_remote_code or None  # not passed: TUNEWRIGHT_TRUST_REMOTE_CODE decides
+    if model is not None:
+        return api.load(model, trust)
+    return api.from_config(config, trust)  # type: ignore[arg-type]
 
 
 @app.command()
@@ -120,13 +130,14 @@ def predict(
     all_probabilities: Annotated[
         bool, typer.Option("--all-probabilities", help="Category outputs: add a probability_<label> column per label.")
     ] = False,
+    trust_remote_code: TrustOption = False,
 ) -> None:
     """Write the input rows plus a `prediction` column (categories: and `prediction_probability`)."""
     from tunewright import api
 
     if output.suffix.lower() not in (".csv", ".jsonl", ".parquet"):
         raise TunewrightError(f"{output}: unknown output type '{output.suffix}'; use .csv, .jsonl or .parquet")
-    tuned = _model_for(model, config)
+    tuned = _model_for(model, config, trust_remote_code)
     frame = api.predict(tuned, dataset, output, show_progress=not state["quiet"], all_probabilities=all_probabilities)
     Console().print(f"wrote {len(frame)} predictions to {output}")
 
@@ -140,11 +151,12 @@ def evaluate(
         "--output", "-o", help="Metrics JSON file (categories: the confusion matrix goes beside it as .png)."
     )] = None,
     predictions: Annotated[Path | None, typer.Option(help="Also write the predictions here.")] = None,
+    trust_remote_code: TrustOption = False,
 ) -> None:
     """Print (and optionally write) metrics on a labelled dataset."""
     from tunewright import api
 
-    tuned = _model_for(model, config)
+    tuned = _model_for(model, config, trust_remote_code)
     metrics = api.evaluate(tuned, dataset, output, predictions, show_progress=not state["quiet"])
     print_metrics("metrics", metrics)
     if output is None:
@@ -160,14 +172,31 @@ def export(
     )] = False,
     dtype: Annotated[str | None, typer.Option(help="Cast weights: float32, bfloat16 or float16.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing export folder.")] = False,
+    trust_remote_code: TrustOption = False,
 ) -> None:
     """Export a run: a plain Hugging Face model folder (--merge, or full fine-tunes) or the adapter alone."""
     from tunewright.export import export_run
 
     if dtype not in (None, "float32", "bfloat16", "float16"):
         raise TunewrightError(f"--dtype: unknown dtype '{dtype}'; use float32, bfloat16 or float16")
-    folder = export_run(model, output, merge, dtype, overwrite)  # type: ignore[arg-type]
+    folder = export_run(model, output, merge, dtype, overwrite, trust_remote_code or None)  # type: ignore[arg-type]
     Console().print(f"exported to {folder}")
+
+
+@app.command()
+def seal(run: Annotated[Path, typer.Argument(help="Complete run folder.")]) -> None:
+    """Record the SHA-256 of every file a run folder's loading reads, after you changed the folder on purpose.
+
+    Loading refuses a run whose files changed, went missing or were added since training. Sealing
+    says the folder as it is now is what you want; it does not let its code run (--trust-remote-code).
+    """
+    from tunewright.run import seal_run
+
+    changes = seal_run(run)
+    for kind, names in changes.items():
+        for name in names:
+            Console().print(f"{kind}: {name}", highlight=False, soft_wrap=True)
+    Console().print(f"sealed {run}")
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:
@@ -199,6 +228,7 @@ def serve(
         "--request-timeout", help=_serve_help("request_timeout_s"))] = None,
     api_key: Annotated[str | None, typer.Option(
         envvar="TUNEWRIGHT_API_KEY", show_envvar=True, help=_serve_help("api_key"))] = None,
+    trust_remote_code: TrustOption = False,
 ) -> None:
     """Serve runs over an OpenAI-compatible HTTP API (completions, chat completions, /predict)."""
     import signal
@@ -218,7 +248,7 @@ def serve(
     except pydantic.ValidationError as error:
         first = error.errors()[0]
         raise TunewrightError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
-    models = load_models(model or [], config or [])
+    models = load_models(model or [], config or [], trust_remote_code or None)
     console.print(f"serving {', '.join(models)} on http://{settings.host}:{settings.port}", highlight=False)
     # On SIGTERM uvicorn stops accepting, lets in-flight requests finish, runs the app's shutdown and
     # then re-raises the signal; this handler turns that last step into a clean exit (status 0).

@@ -17,10 +17,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from tunewright.api import load
 from tunewright.config import TunewrightConfig, save_config
 from tunewright.errors import ConfigError, RunFolderError
 from tunewright.generate import to_generation_config
+from tunewright.loading import load
 from tunewright.predictor import TunedModel
 from tunewright.run import check_complete, load_run_config
 
@@ -145,9 +145,14 @@ def export_run(
     merge: bool = False,
     dtype: ExportDtype | None = None,
     overwrite: bool = False,
+    trust_remote_code: bool | None = None,
 ) -> Path:
-    """Load a complete run folder and export it (see `export_model`); checks come before loading."""
+    """Load a complete run folder and export it (see `export_model`); checks come before loading.
+
+    Remote code runs only with `trust_remote_code` (None: TUNEWRIGHT_TRUST_REMOTE_CODE), never because
+    the run's saved config asks for it.
+    """
     run_dir = check_complete(run_dir)
     check_exportable(load_run_config(run_dir), merge)
     check_output_dir(Path(output_dir), overwrite)
-    return export_model(load(run_dir), output_dir, merge, dtype, overwrite)
+    return export_model(load(run_dir, trust_remote_code), output_dir, merge, dtype, overwrite)

@@ -35,8 +35,8 @@ from transformers.cache_utils import DynamicLayer
 from tunewright.adapters import uses_virtual_tokens
 from tunewright.config import GenerationSettings
 from tunewright.data import collate_prompts
-from tunewright.kernels import inference_kernels
 from tunewright.kernels.attention import packed_attention, packed_row_capacity, varlen_kwargs
+from tunewright.kernels.prepacked import inference_kernels
 from tunewright.progress import work_progress
 
 

@@ -12,11 +12,20 @@ from tunewright.heads import load_vocabulary
 from tunewright.model import load_base_model, load_tokenizer, require_quantization_support
 from tunewright.predictor import TunedModel, attach_category
 from tunewright.run import check_complete, load_run_config, weights_kind
+from tunewright.trust import remote_code_trusted, with_trust
 
 
-def from_config(config: str | Path | dict[str, Any] | TunewrightConfig) -> TunedModel:
-    """A zero-shot model straight from a config (no run folder): the base model as configured."""
+def from_config(
+    config: str | Path | dict[str, Any] | TunewrightConfig, trust_remote_code: bool | None = None
+) -> TunedModel:
+    """A zero-shot model straight from a config (no run folder): the base model as configured.
+
+    The config is the caller's own, so its backend.trust_remote_code counts; `trust_remote_code`
+    (else TUNEWRIGHT_TRUST_REMOTE_CODE) can turn trust on as well, never off.
+    """
     config = load_config(config)
+    if remote_code_trusted(trust_remote_code) and not config.backend.trust_remote_code:
+        config = config.model_copy(update={"backend": with_trust(config.backend, True)})
     require_quantization_support(config.quantization, config.backend)
     loaded = load_base_model(config.base_model, config.backend, config.quantization)
     loaded.model.eval()
@@ -31,10 +40,14 @@ def from_config(config: str | Path | dict[str, Any] | TunewrightConfig) -> Tuned
     return tuned
 
 
-def load(run_dir: str | Path) -> TunedModel:
-    """Load a complete run folder: base model + saved adapter, or the saved full weights."""
+def load(run_dir: str | Path, trust_remote_code: bool | None = None) -> TunedModel:
+    """Load a complete run folder: base model + saved adapter, or the saved full weights.
+
+    Remote code runs only with `trust_remote_code=True` (or, when it is None,
+    TUNEWRIGHT_TRUST_REMOTE_CODE=1); the run's saved backend.trust_remote_code is ignored.
+    """
     run_dir = check_complete(run_dir)
-    config = load_run_config(run_dir)
+    config = load_run_config(run_dir, trust_remote_code)
     kind = weights_kind(run_dir)
     if kind == "full":
         loaded = load_base_model(str(run_dir), config.backend)

@@ -23,7 +23,7 @@ from tunewright.heads import (
     load_head,
     score_labels,
 )
-from tunewright.kernels import inference_kernels
+from tunewright.kernels.prepacked import inference_kernels
 from tunewright.model import base_model, max_input_length
 from tunewright.progress import work_progress
 

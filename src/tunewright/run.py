@@ -2,12 +2,17 @@
 
 A run folder is complete only when `run.json` says so. That marker is written last and
 atomically, so a run that was interrupted or failed never looks complete, and loading refuses it.
-It also records a SHA-256 of every weights file, so a file damaged later is named on load.
+It also records a SHA-256 of every file that loading can read (see `sealed_files`): a file
+changed, removed or added later is named on load, and so is a folder without that record.
+`seal_run` (`tunewright seal RUN`) records them again after a deliberate edit. Nothing in the
+folder decides whether remote code may run: `load_run_config` sets trust_remote_code from the
+person's choice only (see trust.py).
 Training checkpoints live in `checkpoints/` (see checkpoint.py); `resume_run` continues from them.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
@@ -30,6 +35,7 @@ from tunewright.checkpoint import (
 from tunewright.config import TunewrightConfig, load_config, save_config
 from tunewright.errors import ConfigError, RunFolderError, TunewrightError
 from tunewright.model import PICKLE_WEIGHT_SUFFIXES, check_safetensors_file
+from tunewright.trust import remote_code_trusted, with_trust
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +47,10 @@ METRICS_FILE = "metrics.json"
 TRAINING_LOG_FILE = "training_log.jsonl"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 FULL_WEIGHTS_FILE = "model.safetensors"
+CHECKSUMS_KEY = "files_sha256"
+# Written into the run folder but never read when loading it: outside the checksums. checkpoints/
+# is read only by `train --resume`, which refuses a complete run (and checks each checkpoint itself).
+UNSEALED_NAMES = (STATUS_FILE, METRICS_FILE, TRAINING_LOG_FILE, "confusion_matrix_*.png")
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -70,10 +80,11 @@ def read_status(run_dir: Path) -> dict[str, Any]:
 
 
 def set_status(run_dir: Path, status: RunStatus, **fields: Any) -> None:
-    """Update `run.json`; marking a run complete also records the checksums of its weights files."""
+    """Update `run.json`; marking a run complete also records the checksums of the files loading reads."""
     current = read_status(run_dir)
     if status == "complete":
-        fields["weights_sha256"] = weight_checksums(run_dir)
+        current.pop("weights_sha256", None)  # what older versions recorded: the weights files only
+        fields[CHECKSUMS_KEY] = file_checksums(run_dir)
     current.update(fields, status=status, tunewright_version=version("tunewright"), updated=time.time())
     write_json_atomic(run_dir / STATUS_FILE, current)
 
@@ -179,24 +190,67 @@ def weights_kind(run_dir: Path) -> WeightsKind:
     return "none"
 
 
-def weight_checksums(run_dir: Path) -> dict[str, str]:
-    """SHA-256 of every weights file at the top of the run folder."""
-    checksums = {}
-    for path in sorted(run_dir.glob("*.safetensors")):
-        digest = hashlib.sha256()
-        with path.open("rb") as stream:
-            for block in iter(lambda: stream.read(1 << 20), b""):
-                digest.update(block)
-        checksums[path.name] = digest.hexdigest()
-    return checksums
+def sealed_files(run_dir: Path) -> list[str]:
+    """Every file under the run folder that loading may read, as sorted relative POSIX paths.
+
+    That is everything but run.json, metrics.json, training_log.jsonl, the confusion matrices and
+    checkpoints/: transformers reads files named inside other files (an `auto_map` names Python
+    modules), so no list of names tunewright expects would be complete.
+
+    Raises:
+        RunFolderError: a symlinked folder or something that is not a regular file, which cannot be checked.
+    """
+    found = []
+    for folder, subfolders, files in os.walk(run_dir):
+        here = Path(folder)
+        top = here == run_dir
+        for name in subfolders:
+            if (here / name).is_symlink():
+                raise RunFolderError(
+                    f"{here / name}: a symlinked folder in a run folder cannot be checked; replace it with a copy"
+                )
+        if top:
+            subfolders[:] = [name for name in subfolders if name != CHECKPOINT_DIR]
+        subfolders.sort()
+        for name in files:
+            if top and any(fnmatch.fnmatchcase(name, pattern) for pattern in UNSEALED_NAMES):
+                continue
+            if not (here / name).is_file():
+                raise RunFolderError(f"{here / name}: not a regular file; remove it from the run folder")
+            found.append((here / name).relative_to(run_dir).as_posix())
+    return sorted(found)
 
 
-def verify_weights(run_dir: Path, recorded: dict[str, str] | None) -> None:
-    """Refuse pickle files, and truncated, corrupted, missing or changed weights files, naming the file.
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_checksums(run_dir: Path) -> dict[str, str]:
+    """SHA-256 of every file in `sealed_files`, by relative path."""
+    return {name: file_sha256(run_dir / name) for name in sealed_files(run_dir)}
+
+
+def _reseal_hint(run_dir: Path) -> str:
+    return f"if you changed the folder on purpose, run `tunewright seal {run_dir}` to record its files again"
+
+
+def verify_weights(run_dir: Path, recorded: Any) -> None:
+    """Refuse pickle files, damaged weights, and any file changed, missing or added since the checksums were
+    recorded, naming the file; a folder without a checksum record is refused too.
 
     Raises:
         RunFolderError: the first problem found.
     """
+    check_weight_files(run_dir)
+    _verify_checksums(run_dir, recorded)
+
+
+def check_weight_files(run_dir: Path) -> None:
+    """Refuse pickle files and truncated or corrupted safetensors files at the top of the run folder."""
     pickles = sorted(path.name for path in run_dir.iterdir() if path.suffix in PICKLE_WEIGHT_SUFFIXES)
     if pickles:
         raise RunFolderError(
@@ -208,26 +262,37 @@ def verify_weights(run_dir: Path, recorded: dict[str, str] | None) -> None:
             check_safetensors_file(path)
         except TunewrightError as error:
             raise RunFolderError(str(error)) from None
-    if recorded is None:
-        return  # a run folder from before checksums were recorded
-    current = weight_checksums(run_dir)
-    for name, checksum in recorded.items():
-        if name not in current:
-            raise RunFolderError(f"{run_dir / name}: weights file missing; restore it or retrain")
-        if current[name] != checksum:
+
+
+def _verify_checksums(run_dir: Path, recorded: Any) -> None:
+    if not isinstance(recorded, dict) or not all(isinstance(value, str) for value in recorded.values()):
+        raise RunFolderError(
+            f"{run_dir / STATUS_FILE}: no checksums of the run's files ('{CHECKSUMS_KEY}'; an older tunewright "
+            f"recorded weights only), so its files cannot be checked; retrain, or {_reseal_hint(run_dir)}"
+        )
+    present = sealed_files(run_dir)
+    missing = sorted(set(recorded) - set(present))
+    if missing:
+        name = missing[0]
+        raise RunFolderError(
+            f"{run_dir / name}: file missing (its checksum is recorded in {STATUS_FILE}); restore it or retrain, "
+            f"or {_reseal_hint(run_dir)}"
+        )
+    for name in present:
+        if name not in recorded:
             raise RunFolderError(
-                f"{run_dir / name}: weights file corrupted or changed since training (checksum mismatch); "
-                "restore it or retrain"
+                f"{run_dir / name}: file added after training (no checksum recorded in {STATUS_FILE}); "
+                f"remove it, or {_reseal_hint(run_dir)}"
+            )
+        if file_sha256(run_dir / name) != recorded[name]:
+            kind = "weights file" if name.endswith(".safetensors") else "file"
+            raise RunFolderError(
+                f"{run_dir / name}: {kind} corrupted or changed since training (checksum mismatch); restore it "
+                f"or retrain, or {_reseal_hint(run_dir)}"
             )
 
 
-def check_complete(run_dir: str | Path) -> Path:
-    """The run folder, if it is a complete run with intact weights; else a clear error saying what is wrong.
-
-    Raises:
-        RunFolderError: missing folder, not a run folder, a run that did not finish, or damaged weights.
-    """
-    run_dir = Path(run_dir)
+def _require_run_folder(run_dir: Path) -> None:
     if not run_dir.is_dir():
         raise RunFolderError(f"{run_dir}: run folder not found")
     if not (run_dir / CONFIG_FILE).is_file():
@@ -238,12 +303,52 @@ def check_complete(run_dir: str | Path) -> Path:
         raise RunFolderError(
             f"{run_dir}: the run is {state}, not complete; resume it with `tunewright train --resume` or retrain"
         )
-    verify_weights(run_dir, read_status(run_dir).get("weights_sha256"))
+
+
+def seal_run(run_dir: str | Path) -> dict[str, list[str]]:
+    """Record the checksums of a complete run's files again, after a deliberate edit; returns what changed.
+
+    Sealing checks integrity only: it does not make the folder's code trusted (see trust.py).
+
+    Raises:
+        RunFolderError: not a complete run folder, pickle files, damaged safetensors or unreadable entries.
+    """
+    run_dir = Path(run_dir)
+    _require_run_folder(run_dir)
+    status = read_status(run_dir)
+    previous = status.get(CHECKSUMS_KEY)
+    previous = previous if isinstance(previous, dict) else {}
+    check_weight_files(run_dir)  # pickles and damaged safetensors are refused, not sealed
+    current = file_checksums(run_dir)
+    status.pop("weights_sha256", None)
+    status[CHECKSUMS_KEY] = current
+    status["sealed"] = time.time()
+    write_json_atomic(run_dir / STATUS_FILE, status)
+    return {
+        "added": sorted(set(current) - set(previous)),
+        "changed": sorted(name for name in current if name in previous and previous[name] != current[name]),
+        "removed": sorted(set(previous) - set(current)),
+    }
+
+
+def check_complete(run_dir: str | Path) -> Path:
+    """The run folder, if it is a complete run with intact weights; else a clear error saying what is wrong.
+
+    Raises:
+        RunFolderError: missing folder, not a run folder, a run that did not finish, damaged weights, or
+            files changed, missing or added since their checksums were recorded.
+    """
+    run_dir = Path(run_dir)
+    _require_run_folder(run_dir)
+    verify_weights(run_dir, read_status(run_dir).get(CHECKSUMS_KEY))
     return run_dir
 
 
-def load_run_config(run_dir: Path) -> TunewrightConfig:
-    return load_config(run_dir / CONFIG_FILE)
+def load_run_config(run_dir: Path, trust_remote_code: bool | None = None) -> TunewrightConfig:
+    """The run's saved config, with backend.trust_remote_code set by the person only (the saved value is
+    ignored): `trust_remote_code` when given, else TUNEWRIGHT_TRUST_REMOTE_CODE."""
+    config = load_config(run_dir / CONFIG_FILE)
+    return config.model_copy(update={"backend": with_trust(config.backend, remote_code_trusted(trust_remote_code))})
 
 
 def check_continuable(from_run: str | Path, config: TunewrightConfig) -> Path:

@@ -27,7 +27,7 @@ from tunewright.config import TrainerConfig
 from tunewright.data import IGNORE_INDEX, Example
 from tunewright.errors import RunFolderError, TrainingError
 from tunewright.faults import StopNow, StopRequest, interruption, is_out_of_memory, skip_nonfinite_step, step_is_finite
-from tunewright.kernels import training_kernels
+from tunewright.kernels.training import training_kernels
 from tunewright.objective import LossOutput, evaluate_loss
 from tunewright.packing import collate_micro_batch, group_by_length, supports_packing
 from tunewright.progress import NullProgress, TrainingProgress

@@ -124,3 +124,6 @@ def prepacked_linears(model: nn.Module) -> Iterator[None]:
     with instance_forwards(layers, _prepacked_forward):
         yield
 
+
+
+inference_kernels = prepacked_linears  # the inference entry (generation, label scoring, serving)

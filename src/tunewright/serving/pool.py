@@ -27,6 +27,7 @@ from tunewright.heads import load_vocabulary
 from tunewright.model import LoadedModel, base_model, context_length, load_base_model, load_tokenizer
 from tunewright.predictor import TunedModel, attach_category
 from tunewright.run import check_complete, load_run_config, weights_kind
+from tunewright.trust import remote_code_trusted, with_trust
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +135,10 @@ def _group_key(config: TunewrightConfig) -> str:
 
 
 class _PoolBuilder:
-    def __init__(self) -> None:
+    def __init__(self, trust_remote_code: bool = False) -> None:
         self.models: dict[str, ServedModel] = {}
         self.bases: dict[str, SharedBase] = {}
+        self.trust_remote_code = trust_remote_code  # the person's choice; run folders never decide it
 
     def add(self, served: ServedModel, source: str) -> None:
         if served.name in self.models:
@@ -155,14 +157,14 @@ class _PoolBuilder:
         return self.bases[key]
 
     def add_run(self, name: str | None, run_dir: Path) -> None:
-        config = load_run_config(run_dir)
+        config = load_run_config(run_dir, self.trust_remote_code)
         name = name or run_dir.resolve().name
         kind = weights_kind(run_dir)
         adapter_type = config.adapter.type if config.adapter else "full"
         shared = self.base_for(config) if kind == "none" or _shareable(run_dir) else None
         if shared is None or (kind == "adapter" and not shared.accepts(adapter_type)):
             # Full weights, prompt learning, AdaLoRA, or a second adapter type: its own copy.
-            tuned = loading.load(run_dir)
+            tuned = loading.load(run_dir, self.trust_remote_code)
             adapter_name = "default" if isinstance(tuned.model, PeftModel) else None
             parent = config.base_model if adapter_name else None
             self.add(ServedModel(name, tuned, adapter_name, parent, defaults=config.generation), str(run_dir))
@@ -180,7 +182,9 @@ class _PoolBuilder:
         self.add(ServedModel(name, tuned, adapter_name, parent, defaults=config.generation), str(run_dir))
 
     def add_config(self, name: str | None, path: Path) -> None:
-        config = load_config(path)
+        config = load_config(path)  # the person's own config: its trust_remote_code counts, and the flag adds to it
+        if self.trust_remote_code and not config.backend.trust_remote_code:
+            config = config.model_copy(update={"backend": with_trust(config.backend, True)})
         name = name or path.stem
         if config.output_feature.type == "category":  # from_config checks and attaches the labels
             tuned = loading.from_config(config)
@@ -199,13 +203,15 @@ class _PoolBuilder:
 
 
 def load_models(
-    runs: Sequence[str | Path] = (), configs: Sequence[str | Path] = ()
+    runs: Sequence[str | Path] = (), configs: Sequence[str | Path] = (), trust_remote_code: bool | None = None
 ) -> dict[str, ServedModel]:
     """Load run folders and zero-shot configs for serving, sharing base weights where possible.
 
     Args:
         runs: run folders, each `PATH` (named after the folder) or `NAME=PATH`.
         configs: zero-shot configs, each `PATH` (named after the file stem) or `NAME=PATH`.
+        trust_remote_code: let model code run (None: TUNEWRIGHT_TRUST_REMOTE_CODE); a run folder's
+            saved backend.trust_remote_code is ignored.
 
     Returns:
         The served models by name: every run, every config, and the base model of each group of
@@ -216,7 +222,7 @@ def load_models(
     """
     if not runs and not configs:
         raise TunewrightError("nothing to serve: pass --model RUN_FOLDER (repeatable) or --config CONFIG")
-    builder = _PoolBuilder()
+    builder = _PoolBuilder(remote_code_trusted(trust_remote_code))
     parsed = [(name, check_complete(path)) for name, path in map(_parse_spec, map(str, runs))]
     # Adapters go first: attaching one wraps the shared base in place, so whatever serves the
     # base (adapters disabled) must be set up once the peft model is final.
