@@ -284,7 +284,10 @@ class BackendConfig(Section):
         "auto", description="Weights dtype; `auto` is bfloat16 on CUDA that supports it, else float32."
     )
     max_memory_per_gpu: str | None = Field(None, description="Cap per GPU with device_map=auto, e.g. '20GiB'.")
-    trust_remote_code: bool = Field(False, description="Allow model code from the Hub (off: it runs code).")
+    trust_remote_code: bool = Field(
+        False, description="Allow model code from the Hub for a config you pass yourself (it runs code); a run "
+        "folder's saved value is ignored: use --trust-remote-code or TUNEWRIGHT_TRUST_REMOTE_CODE=1."
+    )
     allow_pickle_weights: bool = Field(
         False, description="Also load pickle weight files (.bin/.pt) when a model has no safetensors; they can "
         "run code when loaded, so only for sources you trust."
