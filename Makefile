@@ -18,8 +18,9 @@ LATEST_VENV := .venv-latest
 LOWEST_VENV := .venv-lowest
 # test-lowest pins these to the lower bound (>=) pyproject.toml declares; torch is pinned anyway.
 CORE_LIBS := transformers peft accelerate
-# Not the bench extra: the suite does not use it, and its trl needs accelerate>=1.4 of its own.
+# Not the bench extra, whose trl needs accelerate>=1.4 of its own; only its datasets, which the suite uses when present.
 LOWEST_EXTRAS := serve,plot,dev
+LOWEST_ALSO := datasets
 LOWER_BOUNDS = $(shell $(PYTHON) -c 'import re, sys, tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; pins = [re.sub(r"^([A-Za-z0-9_.-]+)\s*>=\s*([^,;\s]+).*$$", r"\1==\2", d) for d in deps if re.split(r"[\s<>=!~;\[]", d)[0] in sys.argv[1:]]; assert len(pins) == len(sys.argv) - 1 and all("==" in p for p in pins), pins; print(*pins)' $(CORE_LIBS))
 # Extra pytest arguments for test-latest / test-lowest, e.g. PYTEST_ARGS='-x -q tests/test_generate.py'.
 PYTEST_ARGS ?=
@@ -89,7 +90,7 @@ test-latest:
 test-lowest:
 	test -x $(LOWEST_VENV)/bin/python || $(PYTHON) -m venv $(LOWEST_VENV)
 	$(LOWEST_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(LOWEST_VENV)/bin/python -m pip install --quiet '$(TORCH)' $(LOWER_BOUNDS) -e '.[$(LOWEST_EXTRAS)]'
+	$(LOWEST_VENV)/bin/python -m pip install --quiet '$(TORCH)' $(LOWER_BOUNDS) -e '.[$(LOWEST_EXTRAS)]' $(LOWEST_ALSO)
 	$(call install_model,$(LOWEST_VENV))
 	@$(call check_no_cuda,$(LOWEST_VENV))
 	@echo "test-lowest resolved:"; $(call show_versions,$(LOWEST_VENV))
