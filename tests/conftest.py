@@ -109,3 +109,22 @@ def tiny_config(tiny_model_dir: Path) -> dict:
         "generation": {"max_new_tokens": 5, "batch_size": 8},
         "preprocessing": {"split": [0.75, 0.25, 0.0]},
     }
+
+
+def train_tiny_run(base_model: Path, folder: Path, trainer: dict, rows_repeat: int = 1) -> Path:
+    """Train a one-or-two-step LoRA run of the copy task into `folder` and return it (module fixtures use it)."""
+    from tunewright import api
+
+    config = {
+        "base_model": str(base_model),
+        "input_features": [{"name": "word"}],
+        "output_features": [{"name": "echo"}],
+        "prompt": {"template": "say {word}:"},
+        "adapter": {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+        "trainer": {"batch_size": 4, **trainer},
+        "generation": {"max_new_tokens": 3},
+        "preprocessing": {"split": [1.0, 0.0, 0.0]},
+    }
+    rows = [{"word": word, "echo": word} for word in ["cat", "dog", "sun", "sea"] * rows_repeat]
+    api.train(config, rows, folder, show_progress=False)
+    return folder

@@ -43,10 +43,10 @@ def test_hand_computed_per_class_values():
 
 
 def test_expected_calibration_error_by_hand():
-    # Two bins are used: (0.5, 0.6] holds 0.55 and 0.6 (1 of 2 right: |0.5 - 0.575|), and
-    # (0.9, 1.0] holds 0.95 and 1.0 (both right: |1 - 0.975|); each bin weighs 1/2.
-    ece = expected_calibration_error([0.55, 0.6, 0.95, 1.0], [True, False, True, True])
-    assert ece == pytest.approx(0.5 * 0.075 + 0.5 * 0.025)
+    # Two bins are used: [0.5, 0.6) holds 0.55 and 0.58 (1 of 2 right: |0.5 - 0.565|), and
+    # [0.9, 1.0] holds 0.95 and 0.97 (both right: |1 - 0.96|); each bin weighs 1/2.
+    ece = expected_calibration_error([0.55, 0.58, 0.95, 0.97], [True, False, True, True])
+    assert ece == pytest.approx(0.5 * 0.065 + 0.5 * 0.04)
     assert expected_calibration_error([1.0, 1.0], [True, True]) == 0.0
     assert expected_calibration_error([], []) == 0.0
 

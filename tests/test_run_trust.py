@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import train_tiny_run
 from typer.testing import CliRunner
 
 import tunewright.model
-from tunewright import api
 from tunewright.cli import app
 from tunewright.errors import RunFolderError
 from tunewright.export import export_run
@@ -30,20 +30,8 @@ EVIL_AUTO_MAP = {"AutoTokenizer": ["evil.EvilTokenizer", None]}
 
 @pytest.fixture(scope="module")
 def trained_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("trust-run")
-    config = {
-        "base_model": str(tiny_model_dir),
-        "input_features": [{"name": "word"}],
-        "output_features": [{"name": "echo"}],
-        "prompt": {"template": "say {word}:"},
-        "adapter": {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-        "trainer": {"max_steps": 1, "batch_size": 4, "precision": "fp32"},
-        "generation": {"max_new_tokens": 2},
-        "preprocessing": {"split": [1.0, 0.0, 0.0]},
-    }
-    rows = [{"word": word, "echo": word} for word in ["cat", "dog", "sun", "sea"]]
-    api.train(config, rows, folder / "run", show_progress=False)
-    return folder / "run"
+    folder = tmp_path_factory.mktemp("trust-run") / "run"
+    return train_tiny_run(tiny_model_dir, folder, {"max_steps": 1, "precision": "fp32"})
 
 
 @pytest.fixture

@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import build_model, build_tokenizer
+from conftest import build_model, build_tokenizer, train_tiny_run
 from typer.testing import CliRunner
 
-from tunewright import api
 from tunewright.checkpoint import CHECKPOINT_DIR, load_checkpoint
 from tunewright.cli import app
 from tunewright.config import BackendConfig
@@ -157,20 +156,8 @@ def test_damaged_base_model_weights_name_the_file(
 
 @pytest.fixture(scope="module")
 def trained_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("safety-run")
-    config = {
-        "base_model": str(tiny_model_dir),
-        "input_features": [{"name": "word"}],
-        "output_features": [{"name": "echo"}],
-        "prompt": {"template": "say {word}:"},
-        "adapter": {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-        "trainer": {"max_steps": 2, "batch_size": 4, "checkpoint_steps": 1},
-        "generation": {"max_new_tokens": 3},
-        "preprocessing": {"split": [1.0, 0.0, 0.0]},
-    }
-    rows = [{"word": word, "echo": word} for word in ["cat", "dog", "sun", "sea"] * 3]
-    api.train(config, rows, folder / "run", show_progress=False)
-    return folder / "run"
+    folder = tmp_path_factory.mktemp("safety-run") / "run"
+    return train_tiny_run(tiny_model_dir, folder, {"max_steps": 2, "checkpoint_steps": 1}, rows_repeat=3)
 
 
 @pytest.fixture

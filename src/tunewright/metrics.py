@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
-import numpy as np
 import sacrebleu
+import torch
 from rouge_score import rouge_scorer
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+from torchmetrics.functional.classification import binary_calibration_error
 from torchmetrics.functional.text import char_error_rate
 
 
@@ -68,22 +69,19 @@ def text_metrics(predictions: Sequence[str], targets: Sequence[str]) -> dict[str
 def expected_calibration_error(
     confidences: Sequence[float], correct: Sequence[bool], num_bins: int = 10
 ) -> float:
-    """ECE: the |accuracy - confidence| gap of equal-width confidence bins, weighted by bin size.
+    """ECE (Guo et al., 2017): the |accuracy - confidence| gap of equal-width confidence bins, weighted by size.
 
-    Bins are (0, 1/n], (1/n, 2/n], ..., as in Guo et al. (2017), "On Calibration of Modern Neural Networks".
+    torchmetrics' binary form computes exactly this when `preds` is the predicted label's probability and
+    `target` says whether that label was right.
     """
     if len(confidences) != len(correct):
         raise ValueError(f"{len(confidences)} confidences for {len(correct)} outcomes")
     if not confidences:
         return 0.0
-    confidence = np.asarray(confidences, dtype=np.float64)
-    hits = np.asarray(correct, dtype=np.float64)
-    bins = np.clip(np.ceil(confidence * num_bins).astype(int) - 1, 0, num_bins - 1)
-    error = 0.0
-    for bin_index in range(num_bins):
-        members = bins == bin_index
-        if members.any():
-            error += members.mean() * abs(hits[members].mean() - confidence[members].mean())
+    error = binary_calibration_error(
+        torch.tensor(confidences, dtype=torch.float64), torch.tensor(correct, dtype=torch.long),
+        n_bins=num_bins, norm="l1",
+    )
     return float(error)
 
 
