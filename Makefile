@@ -61,16 +61,18 @@ lock:
 	{ echo "# requirements.lock: every direct and transitive dependency of tunewright[$(EXTRAS)], with sha256 hashes."; \
 	  echo "# For CPython 3.11 on Linux x86_64 only (markers were evaluated there). Do not edit: change the ranges in"; \
 	  echo "# pyproject.toml and run \`make lock\`, which runs ($(PIP_TOOLS), in $(TOOLS_VENV)):"; \
-	  echo "#   pip-compile --upgrade --generate-hashes --allow-unsafe --all-build-deps --strip-extras \\"; \
-	  echo "#     --extra=$(EXTRAS) --no-emit-index-url --no-emit-find-links pyproject.toml"; \
+	  echo "#   pip-compile --upgrade --generate-hashes --constraint=FILE --allow-unsafe --all-build-deps --strip-extras \\"; \
+	  echo "#     --extra=$(EXTRAS) --no-emit-index-url --no-emit-find-links pyproject.toml   (FILE: $(TORCH))"; \
 	  echo "# \`make install\` installs it with \`pip install --require-hashes -r $(LOCK)\`, then the project with"; \
 	  echo "# \`pip install --no-deps --no-build-isolation -e .\` (setuptools below is its build backend)."; \
 	  echo "# torch is the CPU-only build $(TORCH) (no nvidia-* packages). pip finds it through find-links: /opt/wheels"; \
 	  echo "# on our machines; elsewhere add --extra-index-url https://download.pytorch.org/whl/cpu (the hash must match)."; \
 	  echo "#"; } > $(LOCK).tmp
-	$(TOOLS_VENV)/bin/pip-compile --quiet --no-header --upgrade --generate-hashes \
+	echo '$(TORCH)' > $(LOCK).torch
+	$(TOOLS_VENV)/bin/pip-compile --quiet --no-header --upgrade --generate-hashes --constraint=$(LOCK).torch \
 		--allow-unsafe --all-build-deps --strip-extras --extra=$(EXTRAS) --no-emit-index-url --no-emit-find-links \
 		--output-file=- pyproject.toml >> $(LOCK).tmp
+	rm -f $(LOCK).torch
 	grep -q '^torch==2\.13\.0+cpu ' $(LOCK).tmp || { echo "lock: torch is not $(TORCH)" >&2; exit 1; }
 	! grep -qi '^nvidia-' $(LOCK).tmp || { echo "lock: nvidia-* packages in the lock" >&2; exit 1; }
 	mv $(LOCK).tmp $(LOCK)

@@ -11,6 +11,14 @@ with and without batching.
 
     .venv/bin/python bench/serve_load.py --requests 16 --concurrency 8 --max-tokens 16 --rounds 1 \
         --time-limit 300 --out bench/results/serve_load_avx2.json
+
+`--hostile SECONDS` runs instead one batching server under the hostile mix of
+tests/test_serve_hostile.py (half-sent headers and bodies, streams nobody reads, huge and
+abandoned /predict, oversize bodies, bad JSON, bad values, next to well-formed requests) for that
+long, with the limits below, and reports requests answered, 500s, unexpected statuses, slots still
+taken afterwards and /health latency (max, p99).
+
+    .venv/bin/python bench/serve_load.py --hostile 60 --out bench/results/serve_hostile_avx2.json
 """
 
 from __future__ import annotations
@@ -33,6 +41,17 @@ import httpx
 import yaml
 
 ALPACA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca" / "alpaca_data_first200.json"
+TESTS = Path(__file__).resolve().parents[1] / "tests"
+# The hostile run's server limits: short timeouts so that each hostile client is dealt with quickly.
+# Long enough for a well-formed request queued behind a few model batches on 2 busy CPU cores.
+HOSTILE_TIMEOUT_S = 120.0
+# /predict stops between model batches, so one batch is the longest a request waits behind a huge
+# /predict it did not send: 4 rows x 16 new tokens keeps that short (the default is 16 x 64).
+HOSTILE_GENERATION = {"max_new_tokens": 16, "batch_size": 4}
+HOSTILE_LIMITS = [
+    "--read-timeout", "1", "--send-timeout", "1", "--max-predict-rows", "200",
+    "--max-body-bytes", "65536", "--max-concurrent-requests", "16", "--max-connections", "64",
+]
 
 
 def alpaca_prompts(count: int) -> list[str]:
@@ -47,21 +66,24 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def zero_shot_config(folder: Path) -> Path:
+def zero_shot_config(folder: Path, generation: dict[str, int] | None = None) -> Path:
     """The default model as it is: a config with trainer.type none (no run folder needed)."""
     path = folder / "smollm2.yaml"
-    config = {
+    config: dict[str, Any] = {
         "base_model": "smollm2-135m",
         "input_features": [{"name": "instruction"}],
         "output_features": [{"name": "output"}],
+        "prompt": {"use_chat_template": True},  # the benchmark sends chat completions
         "trainer": {"type": "none"},
     }
+    if generation:
+        config["generation"] = generation
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return path
 
 
 def start_server(
-    source: list[str], max_batch_size: int, wait_ms: float, timeout_s: float, log_path: Path
+    source: list[str], max_batch_size: int, wait_ms: float, timeout_s: float, log_path: Path, *extra: str
 ) -> tuple[Any, str]:
     port = free_port()
     command = [
@@ -79,6 +101,7 @@ def start_server(
         str(wait_ms),
         "--request-timeout",
         str(timeout_s),
+        *extra,
     ]
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -169,6 +192,41 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def run_hostile(source: list[str], args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    """One batching server under the hostile mix for args.hostile seconds; the figures afterwards."""
+    sys.path.insert(0, str(TESTS))
+    from test_serve_hostile import HostileMix, settle
+
+    log_path = folder / "hostile.log"
+    process, url = start_server(source, args.batch_size, args.wait_ms, HOSTILE_TIMEOUT_S, log_path, *HOSTILE_LIMITS)
+    try:
+        mix = HostileMix(
+            url, "bench", "instruction", args.hostile, huge_rows=200, over_limit_rows=201,
+            client_timeout_s=HOSTILE_TIMEOUT_S + 30,
+        )
+        mix.run()
+        health = settle(url, timeout_s=120)
+        after = httpx.post(
+            f"{url}/v1/completions", json={"model": "bench", "prompt": "Hi", "max_tokens": 2}, timeout=120
+        )
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(120)
+    server_log = log_path.read_text(errors="replace")
+    return {
+        "command": " ".join([".venv/bin/python", "bench/serve_load.py", *sys.argv[1:]]),
+        "server_limits": f"--request-timeout {HOSTILE_TIMEOUT_S:g} " + " ".join(HOSTILE_LIMITS),
+        "generation": HOSTILE_GENERATION if not args.model else "the run's",
+        "cpu_count": os.cpu_count(),
+        "load_average_at_end": os.getloadavg(),
+        "figures": mix.figures(),
+        "in_flight_after": health["in_flight"],
+        "normal_request_after": after.status_code,
+        "server_tracebacks": server_log.count("Traceback"),
+        "server_exit_code": code,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="run folder to serve (default: smollm2-135m zero-shot via --config)")
@@ -183,6 +241,7 @@ def main() -> None:
         "--request-timeout", type=float, default=1800.0, help="the servers' --request-timeout"
     )
     parser.add_argument("--out", type=Path, default=None, help="JSON report (default: print the summary only)")
+    parser.add_argument("--hostile", type=float, default=None, help="run the hostile mix for this many seconds")
     args = parser.parse_args()
 
     folder = Path(tempfile.mkdtemp(prefix="serve-load-"))
@@ -191,6 +250,15 @@ def main() -> None:
         if args.model
         else ["--config", f"bench={zero_shot_config(folder)}"]
     )
+    if args.hostile is not None:
+        if not args.model:
+            source = ["--config", f"bench={zero_shot_config(folder, HOSTILE_GENERATION)}"]
+        report = run_hostile(source, args, folder)
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=2), encoding="utf-8")
+        print(json.dumps(report, indent=2))
+        return
     prompts = alpaca_prompts(args.requests)
     servers = {
         "off": start_server(source, 1, 0.0, args.request_timeout, folder / "off.log"),

@@ -111,7 +111,7 @@ def tiny_config(tiny_model_dir: Path) -> dict:
     }
 
 
-def train_tiny_run(base_model: Path, folder: Path, trainer: dict, rows_repeat: int = 1) -> Path:
+def train_tiny_run(base_model: Path, folder: Path, trainer: dict, rows_repeat: int = 1, **sections: dict) -> Path:
     """Train a one-or-two-step LoRA run of the copy task into `folder` and return it (module fixtures use it)."""
     from tunewright import api
 
@@ -124,6 +124,7 @@ def train_tiny_run(base_model: Path, folder: Path, trainer: dict, rows_repeat: i
         "trainer": {"batch_size": 4, **trainer},
         "generation": {"max_new_tokens": 3},
         "preprocessing": {"split": [1.0, 0.0, 0.0]},
+        **sections,
     }
     rows = [{"word": word, "echo": word} for word in ["cat", "dog", "sun", "sea"] * rows_repeat]
     api.train(config, rows, folder, show_progress=False)

@@ -23,7 +23,7 @@ from tunewright.adapters import adapter_penalty, attach_adapter, count_parameter
 from tunewright.cli import app
 from tunewright.config import AdapterConfig, TrainerConfig, config_to_dict, load_config
 from tunewright.data import build_examples
-from tunewright.errors import ConfigError, RunFolderError
+from tunewright.errors import ConfigError, ModelLoadError, RunFolderError
 from tunewright.objective import LanguageModelObjective
 from tunewright.train import fit
 
@@ -252,6 +252,54 @@ def test_full_fine_tuning_choices_are_checked(adapter: dict, message: str) -> No
         attach_adapter(build_model(len(build_tokenizer())), AdapterConfig(**adapter))
 
 
+@pytest.mark.parametrize(
+    ("adapter", "message"),
+    [
+        ({"target_modules": ["q_projj"]}, "adapter.target_modules: 'q_projj' matches no module of the model "
+                                          "(did you mean 'q_proj'?)"),
+        # peft itself only warns when another entry matches: the unmatched one would do nothing
+        ({"target_modules": ["q_proj", "zzzzzz"]}, "adapter.target_modules: 'zzzzzz' matches no module of the "
+                                                   "model (its layers: embed_tokens, q_proj, k_proj, v_proj"),
+        ({"target_modules": ["mlp"]}, "adapter.target_modules: 'mlp' names LlamaMLP blocks, which cannot hold an "
+                                      "adapter; name the layers inside: gate_proj, up_proj, down_proj"),
+        ({"type": "loha", "target_modules": ["v_prj"]}, "'v_prj' matches no module of the model (did you mean "
+                                                        "'v_proj'?)"),
+    ],
+)
+def test_target_modules_are_checked_against_the_model(adapter: dict, message: str) -> None:
+    with pytest.raises(ModelLoadError, match=re.escape(message)):
+        attach_adapter(build_model(len(build_tokenizer())), AdapterConfig(**adapter))
+
+
+def test_ia3_feedforward_modules_must_be_targets() -> None:
+    adapter = AdapterConfig(type="ia3", target_modules=["k_proj", "down_proj"], feedforward_modules=["up_proj"])
+    with pytest.raises(ConfigError, match=re.escape("adapter.feedforward_modules: 'up_proj' is not one of "
+                                                    "adapter.target_modules (k_proj, down_proj)")):
+        attach_adapter(build_model(len(build_tokenizer())), adapter)
+
+
+def test_matching_target_modules_still_attach() -> None:
+    model = build_model(len(build_tokenizer()))
+    wrapped = attach_adapter(model, AdapterConfig(target_modules=["self_attn.q_proj", "down_proj"]))
+    adapted = {name.rsplit(".lora_A", 1)[0] for name, _ in wrapped.named_parameters() if ".lora_A" in name}
+    assert len(adapted) == 4 and all(name.endswith(("q_proj", "down_proj")) for name in adapted)
+
+
+def test_unknown_target_module_is_one_line_and_exit_4(tmp_path: Path, tiny_model_dir: Path) -> None:
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(case_config(tiny_model_dir, {"type": "lora", "target_modules": ["qproj"]})))
+    data = tmp_path / "data.csv"
+    copy_rows().to_csv(data, index=False)
+    runner = CliRunner()
+    assert runner.invoke(app, ["validate", str(config_path)]).exit_code == 0  # names are known only with a model
+    result = runner.invoke(app, ["--quiet", "train", "-c", str(config_path), "-d", str(data), "-o",
+                                 str(tmp_path / "run")])
+    assert result.exit_code == 4, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == ["error: adapter.target_modules: 'qproj' matches no module of the model "
+                     "(did you mean 'q_proj'?)"]
+
+
 # --- config -----------------------------------------------------------------------------------------
 
 
@@ -328,7 +376,7 @@ def test_quantization_without_cuda_fails_before_loading_with_one_line(
     result = runner.invoke(
         app, ["--quiet", "train", "-c", str(config_path), "-d", str(data), "-o", str(run_dir)]
     )
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == 7, result.output  # ConfigError
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(
         "error: quantization: 4-bit loading (bitsandbytes) needs a CUDA"
@@ -403,3 +451,12 @@ def test_continue_training_needs_a_finetune_trainer_and_a_complete_run(
             from_run=tmp_path / "a",
         )
     assert not (tmp_path / "b").exists()
+
+
+def test_wrapping_raises_no_library_deprecation_warning(tiny_model) -> None:
+    """peft reads transformers' deprecated `is_gradient_checkpointing`; users should not see that on every run."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        attach_adapter(tiny_model, AdapterConfig(type="lora", r=2), total_steps=10)

@@ -109,3 +109,89 @@ def test_separate_validation_file(tmp_path: Path, tiny_config: dict) -> None:
                            show_progress=False)
     assert run.metrics["validation"]["rows"] == 4
     assert run.metrics["training"]["steps"] == 8  # all 16 rows train: 4 steps x 2 epochs
+
+
+def test_public_names_are_exported() -> None:
+    from tunewright.api import TrainResult
+    from tunewright.config import load_config
+    from tunewright.errors import TunewrightError
+    from tunewright.predictor import TunedModel
+
+    assert {"TunewrightError", "TunedModel", "TrainResult", "load_config", "EvaluationMetrics", "train", "load",
+            "from_config", "predict", "evaluate", "export"} <= set(tunewright.__all__)
+    assert (tunewright.TunewrightError, tunewright.TunedModel, tunewright.TrainResult, tunewright.load_config) == (
+        TunewrightError, TunedModel, TrainResult, load_config)
+    assert all(getattr(tunewright, name) is not None for name in tunewright.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'trian'"):
+        tunewright.trian  # noqa: B018
+
+
+def test_the_export_verb_survives_importing_the_export_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+    import sys
+
+    from tunewright import api
+
+    monkeypatch.delitem(sys.modules, "tunewright.export")  # import it afresh, as a first import would
+    importlib.import_module("tunewright.export")
+    assert tunewright.export is api.export
+
+
+def test_show_progress_defaults_agree() -> None:
+    import inspect
+
+    defaults = {verb.__name__: inspect.signature(verb).parameters["show_progress"].default
+                for verb in (tunewright.train, tunewright.predict, tunewright.evaluate)}
+    assert defaults == {"train": None, "predict": None, "evaluate": None}  # None: bars when stderr is a terminal
+
+
+def test_export_takes_a_loaded_model_or_a_run_folder(trained_run, tmp_path: Path) -> None:
+    from_model = tunewright.export(tunewright.load(trained_run.run_dir), tmp_path / "adapter")
+    assert (from_model / "adapter_config.json").is_file()
+    from_folder = tunewright.export(trained_run.run_dir, tmp_path / "merged", merge=True)
+    assert (from_folder / "model.safetensors").is_file() and not (from_folder / "adapter_config.json").exists()
+
+
+def assert_declared(metrics: dict) -> None:
+    """Every key evaluate returns is declared in its return type, nested ones included."""
+    import typing
+
+    from tunewright.api import ClassMetrics, ConfusionMatrix, EvaluationMetrics
+
+    assert typing.get_type_hints(tunewright.evaluate)["return"] is EvaluationMetrics
+    assert set(metrics) <= set(EvaluationMetrics.__annotations__)
+    assert EvaluationMetrics.__required_keys__ <= set(metrics)
+    for per_class in metrics.get("per_class", {}).values():
+        assert set(per_class) == set(ClassMetrics.__annotations__)
+    if "confusion_matrix" in metrics:
+        assert set(metrics["confusion_matrix"]) == set(ConfusionMatrix.__annotations__)
+
+
+def test_text_metrics_are_declared_and_counts_are_ints(trained_run, tmp_path: Path) -> None:
+    metrics = tunewright.evaluate(trained_run.run_dir, copy_rows(6), tmp_path / "metrics.json")
+    assert_declared(metrics)
+    assert type(metrics["rows"]) is int and type(trained_run.metrics["validation"]["rows"]) is int
+    assert json.loads((tmp_path / "metrics.json").read_text())["rows"] == 6
+    assert "6.0" not in (tmp_path / "metrics.json").read_text()
+
+
+def test_category_metrics_are_declared_and_counts_are_ints(tiny_config: dict) -> None:
+    labels = ["cat", "dog", "sun", "sea", "red", "owl", "fig", "ink"]
+    config = {**tiny_config, "output_features": [{"name": "echo", "type": "category", "labels": labels}],
+              "trainer": {"type": "none"}}
+    metrics = tunewright.evaluate(tunewright.from_config(config), copy_rows(8))
+    assert_declared(metrics)
+    assert type(metrics["rows"]) is int and type(metrics["unseen_label_rows"]) is int
+    assert all(type(entry["support"]) is int for entry in metrics["per_class"].values())
+    assert all(type(count) is int for row in metrics["confusion_matrix"]["matrix"] for count in row)
+
+
+@pytest.mark.parametrize(("verb", "arguments"), [
+    (tunewright.predict, {"output": "out.txt"}),
+    (tunewright.evaluate, {"output": "metrics.csv"}),
+    (tunewright.evaluate, {"predictions_output": "predictions.txt"}),
+])
+def test_output_file_types_are_checked_before_loading(tmp_path: Path, verb, arguments: dict) -> None:
+    # The run folder does not exist: a check made after loading would raise RunFolderError instead.
+    with pytest.raises(DataError, match="unknown output type '.(txt|csv)'; use "):
+        verb(tmp_path / "no-run", copy_rows(2), **arguments)

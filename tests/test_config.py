@@ -104,3 +104,19 @@ def test_shipped_example_configs_are_valid() -> None:
     assert examples
     for path in examples:
         load_config(path)
+
+
+@pytest.mark.parametrize(("template", "fragment"), [
+    ("say {question:{x}}", "prompt.template: placeholder {question:{x}} nests a field in a format spec"),
+    ("{question:>99999999}", "prompt.template: placeholder {question:>99999999} has a format spec"),
+    ("{question!r}", "prompt.template: placeholder {question!r} has a format spec or conversion"),
+])
+def test_templates_are_checked_fully_when_validated(template: str, fragment: str) -> None:
+    assert fragment in config_error(with_changes(prompt={"template": template}))
+
+
+def test_every_template_problem_is_reported() -> None:
+    raw = {"input_features": [{"name": "q"}, {"name": "a"}], "output_features": [{"name": "a"}]}
+    message = config_error({**raw, "prompt": {"template": "{q} {x} {a}"}})
+    assert message.startswith("config: 2 errors: ")
+    assert "placeholder {x} is not an input feature" in message and "must not appear in the prompt" in message

@@ -142,3 +142,25 @@ def test_non_finite_numbers_are_config_errors() -> None:
             assert f"trainer.{key}" in str(error)
         else:
             raise AssertionError(f"trainer.{key}={value} was accepted")
+
+
+yaml_lines = st.lists(
+    st.tuples(
+        st.sampled_from(["", "  ", "    ", "  - ", "\t"]),
+        st.sampled_from([*KNOWN_KEYS[:40], "<<", "-", "name", "labels", "trainer", "generation", "output_features"]),
+        st.sampled_from(["", " yes", " no", " 0", " [yes, no]", " [0, 1]", " &a {epochs: 1}", " *a", " *b",
+                         " {x: 1, x: 2}", " !!str 3", " !!python/name:os.system", " '{x:{y}}'", " [", " ~"]),
+    ),
+    max_size=12,
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(yaml_lines)
+def test_yaml_shaped_files_with_repeats_anchors_and_tags_load_or_raise_config_error(
+    tmp_path: Path, lines: list[tuple[str, str, str]]
+) -> None:
+    """Files built from config-like lines: duplicated keys, aliases, merge keys, YAML booleans, tags."""
+    path = tmp_path / "config.yaml"
+    path.write_text("".join(f"{indent}{key}:{value}\n" for indent, key, value in lines), encoding="utf-8")
+    check(path)

@@ -14,6 +14,7 @@ from conftest import copy_rows
 from typer.testing import CliRunner
 
 from tunewright.cli import app
+from tunewright.data import read_table
 
 
 @pytest.fixture
@@ -162,3 +163,57 @@ def test_numbers_and_mixed_types_in_jsonl_are_read_as_text(config_file: Path, tm
     frame.to_json(data, orient="records", lines=True)
     exit_code, output = run_train(config_file, data, tmp_path)
     assert exit_code == 0, output
+
+
+DEEP = 100_000
+
+
+HOSTILE = [
+    (
+        "deep.jsonl",
+        b'{"word": "a", "echo": "a"}\n{"word": ' + b"[" * DEEP + b"]" * DEEP + b', "echo": "b"}\n',
+        ["deep.jsonl:2: a JSON value is nested too deeply to read"],
+    ),
+    (
+        "deeper.jsonl",  # parses, but too deep to turn into text
+        b'{"word": "a", "echo": "a"}\n{"word": ' + b"[" * 990 + b"]" * 990 + b', "echo": "b"}\n',
+        ["deeper.jsonl:2: a JSON value is nested too deeply to read"],
+    ),
+    (
+        "deep.json",
+        b'[{"word": ' + b"[" * DEEP + b"]" * DEEP + b', "echo": "b"}]',
+        ["deep.json: a JSON value is nested too deeply to read"],
+    ),
+    (
+        "surrogate.jsonl",  # valid JSON, but "\ud800" is no text: the tokenizer and writers would fail on it
+        b'{"word": "a", "echo": "a"}\n{"word": "\\ud800", "echo": "b"}\n',
+        ["surrogate.jsonl:2: a string holds a lone surrogate escape"],
+    ),
+    (
+        "surrogate.json",
+        b'[{"word": "a", "echo": "a"}, {"word": ["x", "\\udfff"], "echo": "b"}]',
+        ["surrogate.json: a string holds a lone surrogate escape"],
+    ),
+    (
+        "wide.csv",
+        b"word,echo," + b"x" * (128 * 1024 + 1) + b"\ncat,cat,1\n",
+        ["wide.csv:1: could not read the header (field larger than field limit (131072))"],
+    ),
+    (
+        "unclosed.csv",
+        b'"word,echo\n' + b"cat,cat\n" * 20_000,
+        ["unclosed.csv:1: could not read the header", "quotes"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "expected"), [pytest.param(*case, id=case[0]) for case in HOSTILE])
+def test_hostile_json_and_csv_are_one_clear_line(
+    name: str, content: bytes, expected: list[str], config_file: Path, tmp_path: Path
+) -> None:
+    assert_data_error(config_file, write_bytes(tmp_path, name, content), tmp_path, *expected)
+
+
+def test_a_long_csv_cell_is_data_not_an_error(tmp_path: Path) -> None:
+    path = write_bytes(tmp_path, "long.csv", b"word,echo\n" + b"y" * (256 * 1024) + b",cat\n")
+    assert len(read_table(path)["word"][0]) == 256 * 1024

@@ -17,7 +17,7 @@ from conftest import copy_rows
 
 import tunewright
 from tunewright.config import load_config
-from tunewright.data import as_frame, drop_missing_targets, read_table, render_prompts
+from tunewright.data import as_frame, drop_missing_targets, read_table, render_prompts, write_table
 from tunewright.errors import DataError
 
 TRICKY = ["007", "1e5", "NA", "None", "true", "8 February 2008", "null", "nan", "1,5", " padded "]
@@ -181,3 +181,30 @@ def test_the_python_api_takes_a_datasets_dataset(tmp_path: Path, tiny_config: di
         copy_rows(4)), show_progress=False)
     assert len(tunewright.predict(result.model, datasets.Dataset.from_pandas(copy_rows(3)))) == 3
     assert "exact_match" in json.dumps(tunewright.evaluate(result.model, datasets.Dataset.from_pandas(copy_rows(4))))
+
+
+FORMULA_LIKE = ["=1+1", "+41", "-5", "@SUM(A1)", "=HYPERLINK(\"http://x\")", "\t=x", "plain"]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_predictions_are_written_as_they_are_formula_like_cells_included(tmp_path: Path, suffix: str) -> None:
+    """No formula escaping: a `-5` prediction stays `-5` (see write_table and docs/reliability.md)."""
+    frame = pd.DataFrame({"word": FORMULA_LIKE, "prediction": FORMULA_LIKE})
+    path = tmp_path / f"predictions{suffix}"
+    write_table(frame, path)
+    assert read_table(path)["prediction"].tolist() == FORMULA_LIKE
+    assert [entry.name for entry in tmp_path.iterdir()] == [path.name]  # no temporary file left
+
+
+def test_predictions_that_cannot_be_written_are_one_clear_line(tmp_path: Path) -> None:
+    frame = pd.DataFrame({"word": ["a"], "prediction": ["b"]})
+    (tmp_path / "taken.csv").mkdir()
+    with pytest.raises(DataError, match=r"taken.csv: cannot write here \(.+\); choose another path"):
+        write_table(frame, tmp_path / "taken.csv")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match=r"out.csv: cannot write here \(.+\); choose another path"):
+        write_table(frame, tmp_path / "file" / "out.csv")
+    mixed = pd.DataFrame({"word": [1, "two"], "prediction": ["a", "b"]})  # a list of dicts with mixed types
+    with pytest.raises(DataError, match=r"out.parquet: cannot write Parquet \(.*column word.*\); give each column"):
+        write_table(mixed, tmp_path / "out.parquet")
+    assert sorted(entry.name for entry in tmp_path.iterdir()) == ["file", "taken.csv"]

@@ -4,6 +4,7 @@ gives the same logits and the same generated text as tunewright, for every adapt
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -20,6 +21,7 @@ import tunewright
 from tunewright.cli import app
 from tunewright.errors import RunFolderError
 from tunewright.export import export_run
+from tunewright.run import check_complete
 
 MERGE_ATOL = 1e-5  # merged weights re-associate float32 sums
 PROMPT_LEARNING = {
@@ -137,7 +139,7 @@ def test_cli_export_refuses_merging_virtual_tokens(tmp_path: Path, tiny_model_di
     result = CliRunner().invoke(
         app, ["--quiet", "export", "-m", str(run.run_dir), "-o", str(output), "--merge"]
     )
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == 7, result.output  # ConfigError
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot be merged" in lines[0] and "export without --merge" in lines[0]
     assert not output.exists() and not list(tmp_path.glob(".export.exporting-*"))
@@ -147,8 +149,8 @@ def test_cli_export_rejects_an_unknown_dtype(tmp_path: Path) -> None:
     result = CliRunner().invoke(
         app, ["--quiet", "export", "-m", str(tmp_path), "-o", str(tmp_path / "x"), "--dtype", "int4"]
     )
-    assert result.exit_code == 1
-    assert "--dtype: unknown dtype 'int4'" in result.stderr
+    assert result.exit_code == 2  # a usage error: click names the flag and the choices
+    assert "'--dtype'" in result.stderr and "'int4' is not one of" in result.stderr
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "dates"
@@ -195,3 +197,83 @@ def generate_texts(model: torch.nn.Module, folder: Path, prompts: list[str]) -> 
     output = model.generate(**batch)
     texts = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     return [text.strip() for text in texts]
+
+
+@pytest.fixture
+def run_and_neighbours(tiny_model_dir: Path, tmp_path: Path) -> Path:
+    """runs/r1 (a LoRA run) next to unrelated user files in runs/."""
+    config = {**case_config(tiny_model_dir, CASES["lora"]), "preprocessing": {"split": [1.0, 0.0, 0.0]}}
+    config["trainer"] = {**config["trainer"], "max_steps": 1, "checkpoint_steps": None}
+    run = tunewright.train(config, copy_rows(8), tmp_path / "runs" / "r1", show_progress=False)
+    (tmp_path / "runs" / "notes.txt").write_text("keep", encoding="utf-8")
+    return run.run_dir
+
+
+def export_cli(run_dir: Path, output: Path, *extra: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, ["--quiet", "export", "-m", str(run_dir), "-o", str(output), *extra])
+    return result.exit_code, " ".join(result.output.split())
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+def test_export_never_writes_over_the_run_it_exports(run_and_neighbours: Path) -> None:
+    """`-o runs --overwrite` replaced all of runs/; `-o runs/r1 --overwrite` destroyed the run."""
+    run_dir = run_and_neighbours
+    runs = run_dir.parent
+    before = tree(runs)
+    cases = [
+        (runs, "--overwrite", "the output folder contains the run being exported"),
+        (run_dir, "--overwrite", "the output folder is the run being exported"),
+        (run_dir / "export", "", "the output folder is inside the run being exported"),  # would break its checksums
+    ]
+    for output, flag, expected in cases:
+        code, message = export_cli(run_dir, output, *filter(None, [flag]))
+        assert code == RunFolderError.exit_code and expected in message, message
+    assert tree(runs) == before
+    check_complete(run_dir)
+
+
+def test_export_overwrite_replaces_only_an_export_folder(run_and_neighbours: Path, tmp_path: Path) -> None:
+    run_dir = run_and_neighbours
+    mine = tmp_path / "mine"  # the user's folder: no export marker
+    mine.mkdir()
+    (mine / "config.yaml").write_text("a: 1", encoding="utf-8")
+    (mine / "data.csv").write_text("x\n1\n", encoding="utf-8")
+    code, message = export_cli(run_dir, mine, "--overwrite")
+    assert code == RunFolderError.exit_code, message
+    assert "not a tunewright export folder (no tunewright_config.yaml)" in message
+    assert "config.yaml, data.csv" in message and len(list(mine.iterdir())) == 2
+    other_run = tmp_path / "runs" / "r2"  # another run is not an export either
+    shutil.copytree(run_dir, other_run)
+    code, message = export_cli(run_dir, other_run, "--overwrite")
+    assert code == RunFolderError.exit_code and "not a tunewright export folder" in message, message
+    check_complete(other_run)
+    a_file = tmp_path / "model.txt"
+    a_file.write_text("keep", encoding="utf-8")
+    code, message = export_cli(run_dir, a_file, "--overwrite")
+    assert code == RunFolderError.exit_code and "exists and is not a folder" in message, message
+    assert a_file.read_text(encoding="utf-8") == "keep"
+
+
+def test_export_overwrite_names_foreign_files_then_replaces_the_export(
+    run_and_neighbours: Path, tmp_path: Path
+) -> None:
+    run_dir = run_and_neighbours
+    output = tmp_path / "exported"
+    assert export_cli(run_dir, output)[0] == 0
+    assert (output / "adapter_config.json").is_file()
+    (output / "notes.txt").write_text("keep", encoding="utf-8")
+    before = tree(output)
+    code, message = export_cli(run_dir, output, "--merge", "--overwrite")
+    assert code == RunFolderError.exit_code, message
+    assert "--overwrite would delete notes.txt, which tunewright did not write" in message
+    assert tree(output) == before
+    (output / "notes.txt").unlink()
+    link = tmp_path / "link"  # through a symlink: the folder it points at is replaced, the link stays
+    link.symlink_to(output, target_is_directory=True)
+    code, message = export_cli(run_dir, link, "--merge", "--overwrite")
+    assert code == 0, message
+    assert link.is_symlink() and (output / "model.safetensors").is_file()
+    assert not (output / "adapter_config.json").exists()  # the old export's files are gone

@@ -14,16 +14,19 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
-from conftest import train_tiny_run
+from conftest import build_model, build_tokenizer, train_tiny_run
 from typer.testing import CliRunner
 
 import tunewright.model
+from tunewright import api
 from tunewright.cli import app
-from tunewright.errors import RunFolderError
+from tunewright.errors import ModelLoadError, RunFolderError
 from tunewright.export import export_run
 from tunewright.run import CHECKSUMS_KEY, check_complete, load_run_config, read_status, write_json_atomic
 from tunewright.serving.pool import load_models
+from tunewright.trust import PICKLE_ENV
 
 EVIL_AUTO_MAP = {"AutoTokenizer": ["evil.EvilTokenizer", None]}
 
@@ -188,3 +191,22 @@ def test_seal_names_what_changed_and_refuses_what_it_cannot_vouch_for(run_copy: 
     write_json_atomic(run_copy / "run.json", {**status, "status": "failed"})
     code, output = invoke("seal", str(run_copy))
     assert code == 5 and "the run is failed, not complete" in output
+
+
+def test_a_saved_run_cannot_allow_pickle_weights_for_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """backend.allow_pickle_weights in a run's config.yaml is ignored: pickles can run code, like auto_map."""
+    base = tmp_path / "pickle-base"
+    tokenizer = build_tokenizer()
+    build_model(len(tokenizer)).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    torch.save(build_model(len(tokenizer)).state_dict(), base / "pytorch_model.bin")
+    (base / "model.safetensors").unlink()
+    # The person training opts in in their own config; the run folder saves that choice.
+    run = train_tiny_run(base, tmp_path / "run", {"max_steps": 1, "precision": "fp32"},
+                         backend={"allow_pickle_weights": True})
+    assert yaml.safe_load((run / "config.yaml").read_text())["backend"]["allow_pickle_weights"] is True
+    monkeypatch.delenv(PICKLE_ENV, raising=False)
+    with pytest.raises(ModelLoadError, match="TUNEWRIGHT_ALLOW_PICKLE_WEIGHTS=1"):
+        api.load(run)
+    monkeypatch.setenv(PICKLE_ENV, "1")
+    assert api.load(run).config.backend.allow_pickle_weights is True

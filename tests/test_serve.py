@@ -33,6 +33,7 @@ from tunewright.run import set_status, start_run
 from tunewright.serving.app import create_app
 from tunewright.serving.batching import DynamicBatcher, ShuttingDown
 from tunewright.serving.engine import Delta, Finished, GenerationJob, _held_back, run_generation
+from tunewright.serving.errors import APIError
 from tunewright.serving.openai_schema import CompletionRequest, sampling_settings
 from tunewright.serving.pool import ServedModel, load_models
 
@@ -53,9 +54,9 @@ def run_config(base_dir: Path, **changes: Any) -> dict[str, Any]:
     return config
 
 
-def make_adapter_run(base_dir: Path, run_dir: Path, seed: int) -> Path:
+def make_adapter_run(base_dir: Path, run_dir: Path, seed: int, **changes: Any) -> Path:
     """A complete run folder holding a random LoRA adapter (what training would leave, minus training)."""
-    config = load_config(run_config(base_dir))
+    config = load_config(run_config(base_dir, **changes))
     start_run(run_dir, config)
     loaded = load_base_model(str(base_dir), config.backend)
     torch.manual_seed(seed)
@@ -105,7 +106,8 @@ def make_client(served: Fixture) -> Iterator[Callable[..., TestClient]]:
     clients: list[TestClient] = []
 
     def make(**settings: Any) -> TestClient:
-        client = TestClient(create_app(served.models, ServeSettings(**settings)))
+        # localhost: the server answers only to the names it is bound to (127.0.0.1 by default)
+        client = TestClient(create_app(served.models, ServeSettings(**settings)), base_url="http://localhost")
         clients.append(client.__enter__())
         return client
 
@@ -139,7 +141,8 @@ def references(served: Fixture) -> dict[str, list[str]]:
 
 
 def prompt_for(model: str, word: str) -> str:
-    return f"repeat {word}:" if model == "zero" else f"say {word}:"
+    """A run's prompt is the value of its input column (the server renders it); the base takes text as it is."""
+    return f"say {word}:" if model == "base" else word
 
 
 def complete(client: TestClient, model: str, prompt: Any, **fields: Any) -> dict[str, Any]:
@@ -216,7 +219,7 @@ def test_health_and_models_list_runs_adapters_and_base(client: TestClient, serve
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["models"] == 5
     cards = {card["id"]: card for card in client.get("/v1/models").json()["data"]}
-    base = str(served.base_dir)
+    base = served.base_dir.name  # a local base model is named by its folder, never by its path
     assert set(cards) == {"alpha", "beta", "labels", "zero", base}
     assert cards["alpha"]["kind"] == cards["beta"]["kind"] == cards["labels"]["kind"] == "adapter"
     assert cards["alpha"]["parent"] == cards["beta"]["parent"] == base
@@ -232,7 +235,8 @@ def test_adapters_share_one_copy_of_the_base_weights(served: Fixture) -> None:
     embeddings = {id(model.tuned.model.get_input_embeddings().weight) for model in models.values()}
     assert len(embeddings) == 1
     assert models["alpha"].adapter != models["beta"].adapter
-    assert models[str(served.base_dir)].adapter is None and not models[str(served.base_dir)].predictable
+    base = served.base_dir.name
+    assert models[base].adapter is None and not models[base].predictable
 
 
 # ---- completions and chat ------------------------------------------------------------------------
@@ -242,7 +246,7 @@ def test_adapters_share_one_copy_of_the_base_weights(served: Fixture) -> None:
 def test_completion_equals_predict_for_each_model(
     client: TestClient, served: Fixture, references: dict[str, list[str]], model: str
 ) -> None:
-    name = str(served.base_dir) if model == "base" else model
+    name = served.base_dir.name if model == "base" else model
     for word, expected in zip(WORDS, references[model], strict=True):
         body = complete(client, name, prompt_for(model, word))
         assert body["object"] == "text_completion" and body["model"] == name
@@ -251,10 +255,10 @@ def test_completion_equals_predict_for_each_model(
 
 
 def test_completion_usage_and_finish_reason(client: TestClient) -> None:
-    body = complete(client, "beta", "say dog:", max_tokens=3)
+    body = complete(client, "beta", "dog", max_tokens=3)
     choice = body["choices"][0]
     usage = body["usage"]
-    assert usage["prompt_tokens"] == len("say dog:")  # one token per byte
+    assert usage["prompt_tokens"] == len("say dog:")  # rendered; one token per byte
     assert usage["completion_tokens"] <= 3
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     assert choice["finish_reason"] in ("length", "stop")
@@ -262,7 +266,7 @@ def test_completion_usage_and_finish_reason(client: TestClient) -> None:
 
 
 def test_several_prompts_and_n_choices(client: TestClient, references: dict[str, list[str]]) -> None:
-    body = complete(client, "alpha", ["say cat:", "say dog:"], n=2)
+    body = complete(client, "alpha", ["cat", "dog"], n=2)
     choices = body["choices"]
     assert [choice["index"] for choice in choices] == [0, 1, 2, 3]
     texts = [choice["text"].strip() for choice in choices]
@@ -274,7 +278,7 @@ def test_token_id_prompts_equal_text_prompts(client: TestClient, served: Fixture
     ids = encode_prompts(["say sun:"], served.models["alpha"].tuned.tokenizer)[0]
     assert (
         complete(client, "alpha", ids)["choices"][0]["text"]
-        == complete(client, "alpha", "say sun:")["choices"][0]["text"]
+        == complete(client, "alpha", "sun")["choices"][0]["text"]
     )
 
 
@@ -287,6 +291,7 @@ def test_chat_completion_uses_the_chat_template(client: TestClient, served: Fixt
             "model": "beta",
             "messages": [{"role": "user", "content": [{"type": "text", "text": "say cat:"}]}],
             "max_completion_tokens": MAX_NEW_TOKENS,
+            "raw_prompt": True,  # beta trained without a chat template (see test_serve_rendering.py)
         },
     )
     assert response.status_code == 200, response.text
@@ -326,19 +331,26 @@ def test_sampling_settings_follow_temperature() -> None:
     assert sampling_settings(defaults, CompletionRequest(model="m", prompt="p")) == defaults
 
 
+def test_top_p_on_a_greedy_request_is_refused_not_ignored() -> None:
+    with pytest.raises(APIError, match="top_p takes effect only when sampling"):
+        sampling_settings(GenerationSettings(), CompletionRequest(model="m", prompt="p", top_p=0.5))
+    sampling = GenerationSettings(do_sample=True, temperature=0.8)
+    assert sampling_settings(sampling, CompletionRequest(model="m", prompt="p", top_p=0.5)).top_p == 0.5
+
+
 # ---- streaming -----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("model", ["alpha", "beta"])
 def test_streamed_completion_joins_to_the_greedy_answer(client: TestClient, model: str) -> None:
     for word in WORDS:
-        expected = complete(client, model, f"say {word}:")["choices"][0]
+        expected = complete(client, model, word)["choices"][0]
         events = sse_events(
             client,
             "/v1/completions",
             {
                 "model": model,
-                "prompt": f"say {word}:",
+                "prompt": word,
                 "max_tokens": MAX_NEW_TOKENS,
                 "stream": True,
                 "stream_options": {"include_usage": True},
@@ -356,6 +368,7 @@ def test_streamed_chat_joins_to_the_answer(client: TestClient) -> None:
         "model": "beta",
         "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "say sun:"}],
         "max_tokens": MAX_NEW_TOKENS,
+        "raw_prompt": True,
     }
     expected = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
     events = sse_events(client, "/v1/chat/completions", {**body, "stream": True})
@@ -411,7 +424,7 @@ def test_predict_errors(client: TestClient, served: Fixture) -> None:
     assert_openai_error(client.post("/predict", json={"model": "alpha", "rows": []}), 400, "rows")
     assert_openai_error(client.post("/predict", json={"model": "alpha", "rows": [{"word": {"a": 1}}]}), 400)
     assert_openai_error(
-        client.post("/predict", json={"model": str(served.base_dir), "rows": [{"word": "x"}]}), 400, "model"
+        client.post("/predict", json={"model": served.base_dir.name, "rows": [{"word": "x"}]}), 400, "model"
     )
     assert_openai_error(
         client.post("/predict", json={"model": "nope", "rows": [{"word": "x"}]}), 404, "model"
@@ -427,7 +440,7 @@ def test_concurrent_requests_for_different_adapters_never_bleed(
     client = make_client(max_batch_size=8, batch_wait_ms=50)
     server = client.app.state.server  # type: ignore[attr-defined]
     gate = hold_worker(server.batcher)  # every request below is queued before any runs
-    names = {"alpha": "alpha", "beta": "beta", "zero": "zero", "base": str(served.base_dir)}
+    names = {"alpha": "alpha", "beta": "beta", "zero": "zero", "base": served.base_dir.name}
     calls = [(model, index) for _ in range(3) for model in names for index in range(len(WORDS))]
     threads = [
         in_background(lambda m=model, i=index: (m, i, complete(client, names[m], prompt_for(m, WORDS[i]))))
@@ -450,7 +463,7 @@ def test_batching_off_runs_one_request_per_batch(
     client = make_client(max_batch_size=1)
     server = client.app.state.server  # type: ignore[attr-defined]
     gate = hold_worker(server.batcher)
-    threads = [in_background(lambda w=word: complete(client, "alpha", f"say {w}:")) for word in WORDS]
+    threads = [in_background(lambda w=word: complete(client, "alpha", w)) for word in WORDS]
     wait_until(lambda: server.batcher.pending == len(WORDS))
     gate.release.set()
     for thread, _ in threads:
@@ -532,7 +545,11 @@ def test_client_disconnect_cancels_the_work(make_client: Callable[..., TestClien
         "root_path": "",
         "server": ("test", 80),
         "client": ("test", 1),
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        "headers": [
+            (b"host", b"localhost"),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ],
     }
 
     async def call() -> list[dict[str, Any]]:
@@ -576,7 +593,7 @@ def test_client_disconnect_cancels_the_work(make_client: Callable[..., TestClien
         ({"model": "alpha", "prompt": "x", "echo": True}, "echo"),
         ({"model": "alpha", "prompt": "x", "frequency_penalty": 0.5}, "frequency_penalty"),
         ({"model": "alpha", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
-        ({"model": "alpha", "prompt": ""}, "prompt"),
+        ({"model": "alpha", "prompt": "", "raw_prompt": True}, "prompt"),
         ({"model": "alpha", "prompt": []}, "prompt"),
         ({"model": "alpha", "prompt": [1, 99999]}, "prompt"),
         ({"model": "alpha", "prompt": "x" * 300}, "prompt"),
@@ -614,7 +631,7 @@ def test_bad_completion_requests_get_a_4xx_in_openai_shape(
             },
             "response_format",
         ),
-        ({"model": "alpha", "messages": [{"role": "user", "content": "x" * 300}]}, "messages"),
+        ({"model": "alpha", "messages": [{"role": "user", "content": "x" * 300}], "raw_prompt": True}, "messages"),
     ],
 )
 def test_bad_chat_requests_get_a_4xx_in_openai_shape(

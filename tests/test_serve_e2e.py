@@ -107,14 +107,19 @@ def test_adapter_by_name_equals_tunewright_predict(
     words = ["cat", "dog", "sun"]
     expected = tunewright.predict(tunewright.load(runs[name]), [{"word": word} for word in words])
     for word, prediction in zip(words, expected["prediction"], strict=True):
-        completion = client.completions.create(model=name, prompt=f"say {word}:", max_tokens=8, temperature=0)
+        # The prompt is the value of the run's input column; the server renders "say {word}:" as predict does.
+        completion = client.completions.create(model=name, prompt=word, max_tokens=8, temperature=0)
         assert completion.choices[0].text.strip() == prediction
         assert completion.usage is not None and completion.usage.prompt_tokens == len(f"say {word}:")
 
 
 def test_chat_completion(client: openai.OpenAI) -> None:
     chat = client.chat.completions.create(
-        model="beta", messages=[{"role": "user", "content": "say cat:"}], max_tokens=8, temperature=0
+        model="beta",
+        messages=[{"role": "user", "content": "say cat:"}],
+        max_tokens=8,
+        temperature=0,
+        extra_body={"raw_prompt": True},  # beta trained without a chat template
     )
     assert chat.object == "chat.completion"
     assert chat.choices[0].message.role == "assistant"
@@ -130,13 +135,17 @@ def test_streamed_equals_non_streamed_greedy(client: openai.OpenAI) -> None:
         )
         assert "".join(chunk.choices[0].text for chunk in stream) == whole.choices[0].text
         messages = [{"role": "user", "content": "say sea:"}]
-        chat = client.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0)  # type: ignore[arg-type]
+        raw = {"raw_prompt": True}  # the runs trained without a chat template
+        chat = client.chat.completions.create(
+            model=model, messages=messages, max_tokens=12, temperature=0, extra_body=raw  # type: ignore[arg-type]
+        )
         chat_stream = client.chat.completions.create(
             model=model,
             messages=messages,
             max_tokens=12,  # type: ignore[arg-type]
             temperature=0,
             stream=True,
+            extra_body=raw,
         )
         joined = "".join(chunk.choices[0].delta.content or "" for chunk in chat_stream if chunk.choices)
         assert joined == chat.choices[0].message.content

@@ -5,13 +5,15 @@ import torch
 from accelerate import Accelerator
 
 from tunewright.adapters import attach_adapter
-from tunewright.config import AdapterConfig, TrainerConfig
+from tunewright.config import AdapterConfig, TrainerConfig, load_config
 from tunewright.data import build_examples, collate_training, encode_prompts
+from tunewright.errors import ConfigError
 from tunewright.objective import LanguageModelObjective
-from tunewright.train import fit, lr_multiplier, trainable_state
+from tunewright.train import fit, learning_rate_schedule, trainable_state
 
 PROMPTS = ["say cat:", "say a longer thing:", "hi:", "x"]
 TARGETS = ["cat", "dog dog", "yo", "a much longer target text"]
+MINIMAL_CONFIG = {"input_features": [{"name": "question"}], "output_features": [{"name": "answer"}]}
 
 
 def examples_for(tokenizer, prompts=PROMPTS, targets=TARGETS):
@@ -101,10 +103,32 @@ def test_early_stopping_restores_the_best_weights(tiny_model, tokenizer) -> None
     assert result.best_val_loss == min(val_losses)
 
 
-@pytest.mark.parametrize(("schedule", "step", "expected"), [
-    ("constant", 5, 1.0), ("linear", 0, 0.25), ("linear", 3, 1.0), ("linear", 8, 0.5),
-    ("cosine", 12, 0.0), ("cosine", 6, 0.5),
+@pytest.mark.parametrize(("trainer", "step", "expected"), [
+    ({"lr_scheduler": "constant"}, 5, 1.0),
+    ({"lr_scheduler": "linear", "warmup_steps": 4}, 0, 0.0),
+    ({"lr_scheduler": "linear", "warmup_steps": 4}, 2, 0.5),
+    ({"lr_scheduler": "linear", "warmup_steps": 4}, 8, 0.5),
+    ({"lr_scheduler": "linear", "warmup_ratio": 0.5}, 3, 0.5),
+    ({"lr_scheduler": "cosine"}, 6, 0.5),
+    ({"lr_scheduler": "cosine"}, 12, 0.0),
+    ({"lr_scheduler": "cosine_with_restarts", "lr_scheduler_kwargs": {"num_cycles": 2}}, 3, 0.5),
+    ({"lr_scheduler": "warmup_stable_decay"}, 9, 1.0),  # decays over the last 10% by default
+    ({"lr_scheduler": "warmup_stable_decay", "lr_scheduler_kwargs": {"num_decay_steps": 6}}, 12, 0.0),
 ])
-def test_lr_schedule(schedule: str, step: int, expected: float) -> None:
-    assert lr_multiplier(step, total_steps=12, warmup_steps=4 if schedule == "linear" else 0,
-                         schedule=schedule) == pytest.approx(expected, abs=1e-6)
+def test_lr_schedule_is_transformers_schedule(trainer: dict, step: int, expected: float) -> None:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = learning_rate_schedule(optimizer, TrainerConfig(**trainer), total_steps=12)
+    for _ in range(step):
+        optimizer.step()
+        schedule.step()
+    assert schedule.get_last_lr()[0] == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize(("trainer", "message"), [
+    ({"warmup_steps": 2, "warmup_ratio": 0.1}, "set warmup_steps or warmup_ratio, not both"),
+    ({"lr_scheduler": "linear", "lr_scheduler_kwargs": {"num_cycles": 2}},
+     "lr_scheduler_kwargs.num_cycles is not an argument of the linear schedule"),
+])
+def test_schedule_settings_that_do_nothing_are_refused(trainer: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config({**MINIMAL_CONFIG, "trainer": trainer})

@@ -8,10 +8,12 @@ needs the training loop's help: `optimizer_step_hook` re-allocates its ranks aft
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,9 +32,10 @@ from peft import (
 )
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
 from tunewright.config import AdapterConfig
-from tunewright.errors import ConfigError
+from tunewright.errors import ConfigError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +61,9 @@ DEFAULT_IA3_MODULES = {
     "gpt_neox": (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"]),
 }
 StepHook = Callable[[int, int], None]
-
+# Layer types peft's adapters can wrap; a target naming only other modules (a whole MLP block) fails in peft.
+ADAPTABLE_LAYERS = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, Conv1D)
+LAYER_NAMES_SHOWN = 12
 
 
 @dataclass
@@ -93,11 +98,62 @@ def _ia3_modules(model: PreTrainedModel, adapter: AdapterConfig) -> tuple[list[s
     )
     targets = adapter.target_modules if adapter.target_modules is not None else default_targets
     if adapter.feedforward_modules is not None:
+        outside = [name for name in adapter.feedforward_modules if not isinstance(targets, str) and name not in targets]
+        if outside:  # peft requires a subset, and says so in a traceback
+            raise ConfigError(
+                f"adapter.feedforward_modules: '{outside[0]}' is not one of adapter.target_modules "
+                f"({', '.join(targets)}); list it there too"
+            )
         return targets, adapter.feedforward_modules
     # Only default feed-forward modules that are actually targeted (peft requires a subset).
     if isinstance(targets, str):
         return targets, []
     return targets, [name for name in default_feedforward if name in targets]
+
+
+def _adaptable_leaf_names(modules: dict[str, nn.Module]) -> list[str]:
+    """Distinct last name parts of the layers an adapter can wrap (q_proj, down_proj, lm_head, ...)."""
+    names = [name.rsplit(".", 1)[-1] for name, module in modules.items() if isinstance(module, ADAPTABLE_LAYERS)]
+    return list(dict.fromkeys(name for name in names if name))
+
+
+def _target_problem(entry: str, modules: dict[str, nn.Module], key: str) -> str | None:
+    """Why one target_modules entry would not adapt anything, or None when it names adaptable layers.
+
+    Matching is peft's: a module name equal to the entry or ending in `.entry`.
+    """
+    matched = [module for name, module in modules.items() if name == entry or name.endswith(f".{entry}")]
+    leaves = _adaptable_leaf_names(modules)
+    if not matched:
+        close = difflib.get_close_matches(entry.rsplit(".", 1)[-1], leaves, n=1, cutoff=0.5)
+        hint = f"did you mean '{close[0]}'?" if close else f"its layers: {', '.join(leaves[:LAYER_NAMES_SHOWN])}"
+        return f"{key}: '{entry}' matches no module of the model ({hint})"
+    if not any(isinstance(module, ADAPTABLE_LAYERS) for module in matched):
+        inside = _adaptable_leaf_names({name: m for module in matched for name, m in module.named_modules()})
+        kind = type(matched[0]).__name__
+        return (f"{key}: '{entry}' names {kind} blocks, which cannot hold an adapter; name the layers inside: "
+                f"{', '.join(inside[:LAYER_NAMES_SHOWN]) or 'none'}")
+    return None
+
+
+def check_target_modules(model: nn.Module, peft_config: PeftConfig) -> None:
+    """Every target_modules (and IA3 feedforward_modules) entry must name layers of this model.
+
+    peft skips names that match nothing as long as one other name does, and fails with a long
+    traceback when none does; checking first gives one line naming the entry, with a did-you-mean.
+
+    Raises:
+        ModelLoadError: an entry matches no module, or only modules that cannot hold an adapter.
+    """
+    modules = dict(model.named_modules())
+    for key in ("target_modules", "feedforward_modules"):
+        entries = getattr(peft_config, key, None)
+        if not entries or isinstance(entries, str):  # 'all-linear': peft picks the layers itself
+            continue
+        for entry in sorted(entries):
+            problem = _target_problem(entry, modules, f"adapter.{key}")
+            if problem is not None:
+                raise ModelLoadError(problem)
 
 
 def peft_config_for(
@@ -242,14 +298,26 @@ def attach_adapter(
             from peft import prepare_model_for_kbit_training  # QLoRA only
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        wrapped = get_peft_model(model, peft_config_for(model, adapter, total_steps))
+        peft_config = peft_config_for(model, adapter, total_steps)
+        check_target_modules(model, peft_config)
+        with peft_deprecations_quiet():
+            wrapped = get_peft_model(model, peft_config)
     log.info("%s", count_parameters(wrapped))
     return wrapped
 
 
+@contextmanager
+def peft_deprecations_quiet() -> Iterator[None]:
+    """peft reads `model.is_gradient_checkpointing`, which transformers 5.25 deprecates with a FutureWarning
+    on every wrap; the user can do nothing about it, so it is silenced here only."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def load_adapter(model: PreTrainedModel, adapter_dir: str, trainable: bool = False) -> PeftModel:
     """Attach a saved peft adapter (from a run folder) to the base model."""
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), peft_deprecations_quiet():
         # AdaLoRA saves its pruned ranks as rank_pattern keyed by lora_E names; peft's generic
         # target check misreads those keys and warns, while its loader does resize by them.
         warnings.filterwarnings("ignore", message="The following rank_pattern keys did not match")

@@ -1,4 +1,4 @@
-"""The Python API, with the same verbs as the CLI: train, load, predict, evaluate."""
+"""The Python API, with the same verbs as the CLI: train, load, predict, evaluate, export."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Required, TypedDict, cast
 
 import pandas as pd
 from accelerate import Accelerator
@@ -32,6 +32,7 @@ from tunewright.data import (
 )
 from tunewright.errors import DataError, RunFolderError, TrainingInterrupted, TunewrightError
 from tunewright.evaluate import evaluate_frame, write_confusion_matrix
+from tunewright.export import ExportDtype, export_model, export_run
 from tunewright.heads import (
     classifier_examples,
     label_indices,
@@ -47,8 +48,10 @@ from tunewright.model import (
     require_quantization_support,
     resolve_device,
 )
+from tunewright.model_card import write_model_card
 from tunewright.objective import LanguageModelObjective
 from tunewright.predictor import TunedModel, attach_category, predict_rows
+from tunewright.progress import progress_wanted
 from tunewright.run import (
     append_log,
     check_continuable,
@@ -65,12 +68,56 @@ from tunewright.trust import remote_code_trusted, with_trust
 
 log = logging.getLogger(__name__)
 
+TABLE_TYPES = (".csv", ".jsonl", ".parquet")  # what write_table writes
+
+
+class ClassMetrics(TypedDict):
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+class ConfusionMatrix(TypedDict):
+    labels: list[str]  # the model's labels, then gold labels it never saw
+    matrix: list[list[int]]  # [true][predicted] counts
+
+
+class EvaluationMetrics(TypedDict, total=False):
+    """What `evaluate` returns (and metrics.json holds per split): the keys depend on the output type."""
+
+    rows: Required[int]
+    loss: Required[float | None]  # category: None when no gold label is one the model knows
+    # text outputs
+    perplexity: float
+    token_accuracy: float
+    generated_token_accuracy: float
+    exact_match: float
+    bleu: float
+    rouge_l: float
+    char_error_rate: float
+    # category outputs
+    accuracy: float
+    macro_f1: float
+    expected_calibration_error: float
+    per_class: dict[str, ClassMetrics]
+    confusion_matrix: ConfusionMatrix
+    unseen_label_rows: int
+
+
+class TrainMetrics(TypedDict, total=False):
+    training: Required[dict[str, Any]]  # type, steps, parameters, seconds, ...
+    validation: EvaluationMetrics
+    test: EvaluationMetrics
+
 
 @dataclass
 class TrainResult:
+    """What `train` returns: the run folder, the trained model (ready to predict) and its metrics."""
+
     run_dir: Path
     model: TunedModel
-    metrics: dict[str, Any]
+    metrics: TrainMetrics
 
 
 def _load_splits(config: TunewrightConfig, dataset: Dataset, validation: Dataset | None) -> Splits:
@@ -117,7 +164,7 @@ def train(
     output_dir: str | Path,
     validation: Dataset | None = None,
     overwrite: bool = False,
-    show_progress: bool = True,
+    show_progress: bool | None = None,
     from_run: str | Path | None = None,
     resume: bool = False,
     trust_remote_code: bool | None = None,
@@ -137,7 +184,13 @@ def train(
 
     Everything that can be checked without the model (config, files, columns) is checked first.
     The run folder is marked complete only after every file is written.
+
+    `show_progress`, as in every verb: None shows bars (on stderr) when stderr is a terminal.
     """
+    show_progress = progress_wanted(show_progress)
+    # Not the config: it is read before anything is deleted (retraining with a run's own config.yaml works).
+    sources = _source_paths({"the dataset": dataset, "the validation dataset": validation,
+                             "the --from-run run": from_run})
     config = load_config(config)
     require_quantization_support(config.quantization, config.backend)
     previous_run = check_continuable(from_run, config) if from_run is not None else None
@@ -148,7 +201,7 @@ def train(
         raise RunFolderError(f"{run_dir}: pass either --resume or --overwrite, not both")
     fingerprint = run_fingerprint(config, splits.train, splits.validation)
     accelerator = Accelerator(cpu=resolve_device(config.backend).type == "cpu")
-    checkpoint = _open_run_folder(run_dir, config, fingerprint, accelerator, resume, overwrite)
+    checkpoint = _open_run_folder(run_dir, config, fingerprint, accelerator, resume, overwrite, sources)
     try:
         set_seed(config.trainer.seed)  # adapter initialisation, so a rerun with the same seed is identical
         source = weights_source(config, previous_run)
@@ -169,12 +222,15 @@ def train(
                                         fingerprint, checkpoint, show_progress)
         summary["seconds"] = time.perf_counter() - started
         tuned.model.eval()
-        metrics = {"training": summary, **_split_metrics(tuned, splits, run_dir, accelerator, show_progress)}
+        metrics = cast(TrainMetrics, {"training": summary,
+                                      **_split_metrics(tuned, splits, run_dir, accelerator, show_progress)})
         if accelerator.is_main_process:
             if tuned.labels is not None:
                 save_category_state(run_dir, tuned.labels, tuned.classifier.head if tuned.classifier else None)
             loaded.tokenizer.save_pretrained(run_dir)
-            write_metrics(run_dir, metrics)
+            write_metrics(run_dir, dict(metrics))
+            write_model_card(run_dir, config, dict(metrics), _data_name(dataset), {
+                "train": len(splits.train), "validation": len(splits.validation), "test": len(splits.test)})
             set_status(run_dir, "complete", finished=time.time(), weights=weights_kind(run_dir))
         return TrainResult(run_dir=run_dir, model=tuned, metrics=metrics)
     except (TrainingInterrupted, KeyboardInterrupt) as error:
@@ -187,14 +243,25 @@ def train(
         raise
 
 
+def _data_name(dataset: Dataset) -> str:
+    """How the model card names the training data: the file's name, or the kind of object passed."""
+    return f"`{Path(dataset).name}`" if isinstance(dataset, (str, Path)) else f"a {type(dataset).__name__} in memory"
+
+
+def _source_paths(arguments: dict[str, Any]) -> list[tuple[str, Path]]:
+    """The files and folders train() reads (those given as paths): the run folder may not hold or replace them."""
+    return [(what, Path(value)) for what, value in arguments.items() if isinstance(value, (str, Path))]
+
+
 def _open_run_folder(run_dir: Path, config: TunewrightConfig, fingerprint: dict[str, str],
-                     accelerator: Accelerator, resume: bool, overwrite: bool) -> Path | None:
+                     accelerator: Accelerator, resume: bool, overwrite: bool,
+                     sources: list[tuple[str, Path]]) -> Path | None:
     """Create (or reopen, with resume) the run folder on the main process; returns the checkpoint to resume."""
     checkpoint = None
     if accelerator.is_main_process:
         checkpoint = resume_run(run_dir, config, fingerprint) if resume else None
         if not resume:
-            start_run(run_dir, config, overwrite)
+            start_run(run_dir, config, overwrite, sources)
     # Under `accelerate launch` the other processes wait, then read what the main process checked.
     accelerator.wait_for_everyone()
     if resume and not accelerator.is_main_process:
@@ -237,7 +304,7 @@ def _fine_tune(config: TunewrightConfig, loaded: LoadedModel, splits: Splits, vo
 
 
 def _split_metrics(tuned: TunedModel, splits: Splits, run_dir: Path, accelerator: Accelerator,
-                   show_progress: bool) -> dict[str, Any]:
+                   show_progress: bool) -> dict[str, EvaluationMetrics]:
     """Metrics on the validation and test splits (and confusion-matrix pictures for categories)."""
     metrics: dict[str, Any] = {}
     for split_name in ("validation", "test"):
@@ -253,35 +320,76 @@ def _as_model(model: TunedModel | str | Path) -> TunedModel:
     return model if isinstance(model, TunedModel) else load(model)
 
 
+def _check_output_type(path: str | Path | None, types: tuple[str, ...]) -> None:
+    """Before any model loads or row is predicted: a wrong file type would otherwise fail only at the end."""
+    if path is not None and Path(path).suffix.lower() not in types:
+        raise DataError(f"{path}: unknown output type '{Path(path).suffix}'; use {' or '.join(types)}")
+
+
 def predict(model: TunedModel | str | Path, dataset: Dataset, output: str | Path | None = None,
-            show_progress: bool = False, all_probabilities: bool = False) -> pd.DataFrame:
+            show_progress: bool | None = None, all_probabilities: bool = False) -> pd.DataFrame:
     """Predict for every row; returns (and optionally writes) the rows plus a `prediction` column.
 
     Category outputs add `prediction_probability`, and with `all_probabilities` a
-    `probability_<label>` column per label.
+    `probability_<label>` column per label. `show_progress` None: bars when stderr is a terminal.
     """
-    predictions = predict_rows(_as_model(model), dataset, show_progress, all_probabilities)
+    _check_output_type(output, TABLE_TYPES)
+    predictions = predict_rows(_as_model(model), dataset, progress_wanted(show_progress), all_probabilities)
     if output is not None:
         write_table(predictions, output)
     return predictions
 
 
 def evaluate(model: TunedModel | str | Path, dataset: Dataset, output: str | Path | None = None,
-             predictions_output: str | Path | None = None, show_progress: bool = False) -> dict[str, float]:
-    """Metrics on a labelled dataset; optionally writes them as JSON (and the predictions)."""
+             predictions_output: str | Path | None = None,
+             show_progress: bool | None = None) -> EvaluationMetrics:
+    """Metrics on a labelled dataset; optionally writes them as JSON (and the predictions).
+
+    Text outputs get flat float metrics; category outputs add `per_class` and `confusion_matrix`
+    (nested, see `EvaluationMetrics`). Counts (`rows`, `support`, matrix cells) are ints.
+    `show_progress` None: bars when stderr is a terminal.
+    """
+    _check_output_type(output, (".json",))
+    _check_output_type(predictions_output, TABLE_TYPES)
     tuned = _as_model(model)
     frame, source = as_frame(dataset)
-    evaluation = evaluate_frame(tuned, frame, show_progress, source)
+    evaluation = evaluate_frame(tuned, frame, progress_wanted(show_progress), source)
     if output is not None:
         write_json_atomic(Path(output), evaluation.metrics)
         if "confusion_matrix" in evaluation.metrics:
             write_confusion_matrix(evaluation.metrics, Path(output).with_suffix(".png"))
     if predictions_output is not None:
         write_table(evaluation.predictions, predictions_output)
-    return evaluation.metrics
+    metrics: EvaluationMetrics = evaluation.metrics  # type: ignore[assignment]
+    return metrics
 
 
-__all__ = ["TrainResult", "TunewrightError", "as_frame", "evaluate", "from_config", "load", "predict", "train"]
+def export(model: TunedModel | str | Path, output_dir: str | Path, merge: bool = False,
+           dtype: ExportDtype | None = None, overwrite: bool = False,
+           trust_remote_code: bool | None = None) -> Path:
+    """Export a loaded model or a run folder: a plain Hugging Face model folder, or the adapter alone.
+
+    Args:
+        model: a `TunedModel` (`load`, `from_config`, `train(...).model`) or a run folder. Merging
+            changes a loaded model's weights in place: load it again to keep using it unmerged.
+        output_dir: the folder to write (under a temporary name, renamed when complete).
+        merge: merge the adapter into the base weights (else write the adapter folder alone).
+        dtype: cast the weights to "float32", "bfloat16" or "float16" (default: keep the run's dtype).
+        overwrite: replace an existing export folder.
+        trust_remote_code: a run folder only: let the model's own code run (None:
+            TUNEWRIGHT_TRUST_REMOTE_CODE). A loaded model was trusted, or not, when it was loaded.
+
+    Raises:
+        ConfigError: the run cannot be exported as asked (prompt-learning merge, classifier head).
+        RunFolderError: the run folder is incomplete, or the output folder exists and `overwrite` is false.
+    """
+    if isinstance(model, TunedModel):
+        return export_model(model, output_dir, merge, dtype, overwrite)
+    return export_run(model, output_dir, merge, dtype, overwrite, trust_remote_code)
+
+
+__all__ = ["EvaluationMetrics", "TrainMetrics", "TrainResult", "TunewrightError", "as_frame", "evaluate",
+           "export", "from_config", "load", "predict", "train"]
 
 
 def trainable_model(

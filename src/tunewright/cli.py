@@ -1,13 +1,19 @@
-"""The command line: a thin typer app over the Python API. Errors become one stderr line + exit code."""
+"""The command line: a thin typer app over the Python API. Errors become one stderr line + exit code.
+
+stdout carries only what a script reads: evaluate's metrics JSON, validate's verdict and seal's list
+of changes. Tables, progress bars, logs and errors go to stderr, so `tunewright evaluate ... | jq .`
+works. torch and transformers are imported inside the commands that load a model, so --help,
+--version and validate start in well under a second.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
-from typing import Annotated, Any
+from types import ModuleType
+from typing import Annotated, Any, Literal
 
-import click
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
@@ -16,11 +22,44 @@ from typer.core import TyperGroup
 
 from tunewright.errors import TunewrightError
 
+TABLE_TYPES = (".csv", ".jsonl", ".parquet")
+GLOBAL_FLAGS = ("debug", "quiet")
+
+
+def configure_logging() -> None:
+    """Our logs go to stderr; --debug shows debug logs, --quiet only warnings and errors."""
+    level = logging.DEBUG if state["debug"] else logging.WARNING if state["quiet"] else logging.INFO
+    logging.basicConfig(
+        level=level, format="%(message)s", force=True,
+        handlers=[RichHandler(console=console, show_path=False, show_time=False)],
+    )
+    # The libraries' info logs drown ours (absl: rouge-score's "Using default tokenizer"); keep their
+    # warnings (--quiet drops those too, see _api).
+    for noisy in ("transformers", "accelerate", "peft", "httpx", "absl"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _remember_flag(ctx: typer.Context, param: typer.CallbackParam, value: bool) -> None:
+    # Before the verb (the root context) the flag sets the state for this invocation; after it, it can
+    # only turn the flag on, so `tunewright --quiet train ...` and `tunewright train ... --quiet` agree.
+    if value or ctx.parent is None:
+        state[str(param.name)] = value
+        configure_logging()
+
 
 class RenderErrors(TyperGroup):
-    """Turns our errors into one stderr line and their exit code (a traceback only with --debug)."""
+    """Turns our errors into one stderr line and their exit code (a traceback only with --debug).
 
-    def invoke(self, ctx: click.Context) -> Any:
+    Every command also takes the global flags (--debug, --quiet), so they work after the verb too.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        flags = [param for param in self.params if param.name in GLOBAL_FLAGS]
+        for command in self.commands.values():
+            command.params.extend(flags)
+
+    def invoke(self, ctx: typer.Context) -> Any:  # type: ignore[override]  # click's own Context is private
         try:
             return super().invoke(ctx)
         except TunewrightError as error:
@@ -34,11 +73,33 @@ class RenderErrors(TyperGroup):
 
 
 app = typer.Typer(
-    name="tunewright", cls=RenderErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    name="tunewright", cls=RenderErrors, no_args_is_help=True, pretty_exceptions_enable=False,
     help="Fine-tune, evaluate and serve causal language models from one YAML file.",
 )
 console = Console(stderr=True)
 state: dict[str, bool] = {"debug": False, "quiet": False}
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from tunewright import __version__
+
+        typer.echo(f"tunewright {__version__}")
+        raise typer.Exit()
+
+
+def _table_file(value: Path | None) -> Path | None:
+    """Checked as the flags are read, so a typo fails before any model loads."""
+    if value is not None and value.suffix.lower() not in TABLE_TYPES:
+        raise typer.BadParameter(f"{value}: unknown file type '{value.suffix}'; use .csv, .jsonl or .parquet")
+    return value
+
+
+def _json_file(value: Path | None) -> Path | None:
+    if value is not None and value.suffix.lower() != ".json":
+        raise typer.BadParameter(f"{value}: metrics are written as JSON; use a .json file name")
+    return value
+
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="YAML config file.")]
 DatasetOption = Annotated[Path, typer.Option("--dataset", "-d", help="CSV, JSONL or Parquet file.")]
@@ -52,27 +113,55 @@ TrustOption = Annotated[bool, typer.Option(
 
 @app.callback()
 def main_options(
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or info logs.")] = False,
+    version: Annotated[bool, typer.Option(
+        "--version", is_eager=True, callback=_show_version, help="Print the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option(
+        "--debug", callback=_remember_flag, expose_value=False, help="Show tracebacks for errors.")] = False,
+    quiet: Annotated[bool, typer.Option(
+        "--quiet", "-q", callback=_remember_flag, expose_value=False,
+        help="No progress bars, tables or info logs; no loading bars or warnings from transformers, peft or the Hub.",
+    )] = False,
 ) -> None:
-    state.update(debug=debug, quiet=quiet)
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO,
-        format="%(message)s", handlers=[RichHandler(console=console, show_path=False, show_time=False)], force=True,
-    )
-    # transformers/accelerate info logs drown ours; keep their warnings.
-    for noisy in ("transformers", "accelerate", "peft", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    """The flags' callbacks do the work; RenderErrors gives every command --debug and --quiet as well."""
+
+
+def _api(ctx: typer.Context) -> ModuleType:
+    """The Python API, imported only by commands that load a model (torch and transformers take seconds)."""
+    from tunewright import api
+
+    _quiet_if_asked(ctx)
+    return api
+
+
+def _quiet_if_asked(ctx: typer.Context) -> None:
+    """With --quiet, transformers', peft's and the Hub's bars, logs and warnings are off until the command ends."""
+    if state["quiet"]:
+        from tunewright.progress import quiet_libraries
+
+        ctx.with_resource(quiet_libraries())
+
+
+def _one_model_source(model: Path | None, config: Path | None) -> None:
+    if (model is None) == (config is None):
+        raise typer.BadParameter("pass exactly one (a run folder, or a config for zero-shot use)",
+                                 param_hint="'--model' / '--config'")
+
+
+def _show_progress() -> bool | None:
+    return False if state["quiet"] else None  # None: bars (on stderr) when stderr is a terminal
 
 
 def print_metrics(title: str, metrics: dict[str, Any]) -> None:
+    """A table of the flat metrics, on stderr (nested ones are in the JSON); none with --quiet."""
+    if state["quiet"]:
+        return
     table = Table(title=title, show_header=False)
     for key, value in metrics.items():
         if isinstance(value, float):
             table.add_row(key, f"{value:.4f}")
         elif isinstance(value, int | str):
             table.add_row(key, str(value))
-    Console().print(table)
+    console.print(table)
 
 
 @app.command()
@@ -81,11 +170,32 @@ def validate(config: Annotated[Path, typer.Argument(help="YAML config file.")]) 
     from tunewright.config import load_config
 
     load_config(config)
-    Console().print(f"{config}: valid")
+    typer.echo(f"{config}: valid")
+
+
+@app.command("config")
+def show_config(
+    config: Annotated[Path | None, typer.Argument(help="YAML config file to print fully resolved.")] = None,
+    docs: Annotated[bool, typer.Option("--docs", help="Print the reference of every key (docs/config.md).")] = False,
+) -> None:
+    """Print a config with every default filled in, or (--docs) the reference of every key."""
+    if (config is None) == (not docs):
+        raise typer.BadParameter("pass a config file, or --docs for the reference", param_hint="CONFIG / --docs")
+    if docs:
+        from tunewright.config_docs import config_reference
+
+        typer.echo(config_reference(), nl=False)
+        return
+    import yaml
+
+    from tunewright.config import config_to_dict, load_config
+
+    typer.echo(yaml.safe_dump(config_to_dict(load_config(config)), sort_keys=False), nl=False)
 
 
 @app.command()
 def train(
+    ctx: typer.Context,
     config: ConfigOption,
     dataset: DatasetOption,
     output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Run folder to write.")],
@@ -100,31 +210,27 @@ def train(
     trust_remote_code: TrustOption = False,
 ) -> None:
     """Fine-tune a model (or set up zero-shot) and write a run folder."""
-    from tunewright import api
-
-    result = api.train(config, dataset, output_dir, validation, overwrite, show_progress=not state["quiet"],
-                       from_run=from_run, resume=resume, trust_remote_code=trust_remote_code or None)
+    result = _api(ctx).train(config, dataset, output_dir, validation, overwrite, show_progress=_show_progress(),
+                          from_run=from_run, resume=resume, trust_remote_code=trust_remote_code or None)
     for split_name in ("validation", "test"):
         if split_name in result.metrics:
             print_metrics(f"{split_name} metrics", result.metrics[split_name])
-    Console().print(f"run folder: {result.run_dir}")
+    console.print(f"run folder: {result.run_dir}", highlight=False, soft_wrap=True)
 
 
-def _model_for(model: Path | None, config: Path | None, trust_remote_code: bool) -> Any:
-    from tunewright import api
-
-    if (model is None) == (config is None):
-        raise TunewrightError("pass exactly one of --model RUN_FOLDER or --config CONFIG (zero-shot)")
+def _model_for(api: ModuleType, model: Path | None, config: Path | None, trust_remote_code: bool) -> Any:
     trust = trust_remote_code or None  # not passed: TUNEWRIGHT_TRUST_REMOTE_CODE decides
     if model is not None:
         return api.load(model, trust)
-    return api.from_config(config, trust)  # type: ignore[arg-type]
+    return api.from_config(config, trust)
 
 
 @app.command()
 def predict(
+    ctx: typer.Context,
     dataset: DatasetOption,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Predictions file (.csv, .jsonl, .parquet).")],
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", callback=_table_file, help="Predictions file (.csv, .jsonl, .parquet).")],
     model: Annotated[Path | None, typer.Option("--model", "-m", help="Run folder.")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="Config for zero-shot use.")] = None,
     all_probabilities: Annotated[
@@ -133,54 +239,52 @@ def predict(
     trust_remote_code: TrustOption = False,
 ) -> None:
     """Write the input rows plus a `prediction` column (categories: and `prediction_probability`)."""
-    from tunewright import api
-
-    if output.suffix.lower() not in (".csv", ".jsonl", ".parquet"):
-        raise TunewrightError(f"{output}: unknown output type '{output.suffix}'; use .csv, .jsonl or .parquet")
-    tuned = _model_for(model, config, trust_remote_code)
-    frame = api.predict(tuned, dataset, output, show_progress=not state["quiet"], all_probabilities=all_probabilities)
-    Console().print(f"wrote {len(frame)} predictions to {output}")
+    _one_model_source(model, config)
+    api = _api(ctx)
+    tuned = _model_for(api, model, config, trust_remote_code)
+    frame = api.predict(tuned, dataset, output, show_progress=_show_progress(), all_probabilities=all_probabilities)
+    console.print(f"wrote {len(frame)} predictions to {output}", highlight=False, soft_wrap=True)
 
 
 @app.command()
 def evaluate(
+    ctx: typer.Context,
     dataset: DatasetOption,
     model: Annotated[Path | None, typer.Option("--model", "-m", help="Run folder.")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="Config for zero-shot use.")] = None,
     output: Annotated[Path | None, typer.Option(
-        "--output", "-o", help="Metrics JSON file (categories: the confusion matrix goes beside it as .png)."
+        "--output", "-o", callback=_json_file,
+        help="Also write the metrics to this .json file (categories: the confusion matrix goes beside it as .png)."
     )] = None,
-    predictions: Annotated[Path | None, typer.Option(help="Also write the predictions here.")] = None,
+    predictions: Annotated[Path | None, typer.Option(
+        callback=_table_file, help="Also write the predictions here (.csv, .jsonl, .parquet).")] = None,
     trust_remote_code: TrustOption = False,
 ) -> None:
-    """Print (and optionally write) metrics on a labelled dataset."""
-    from tunewright import api
-
-    tuned = _model_for(model, config, trust_remote_code)
-    metrics = api.evaluate(tuned, dataset, output, predictions, show_progress=not state["quiet"])
+    """Print the metrics on a labelled dataset as JSON on stdout (and a table on stderr)."""
+    _one_model_source(model, config)
+    api = _api(ctx)
+    tuned = _model_for(api, model, config, trust_remote_code)
+    metrics = api.evaluate(tuned, dataset, output, predictions, show_progress=_show_progress())
     print_metrics("metrics", metrics)
-    if output is None:
-        Console().print_json(json.dumps(metrics))
+    typer.echo(json.dumps(metrics, indent=2))
 
 
 @app.command()
 def export(
+    ctx: typer.Context,
     model: Annotated[Path, typer.Option("--model", "-m", help="Run folder.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write.")],
     merge: Annotated[bool, typer.Option(
         "--merge", help="Merge the adapter into the weights: a plain transformers model folder."
     )] = False,
-    dtype: Annotated[str | None, typer.Option(help="Cast weights: float32, bfloat16 or float16.")] = None,
+    # The same choices as tunewright.export.ExportDtype, which cannot be imported here without torch.
+    dtype: Annotated[Literal["float32", "bfloat16", "float16"] | None, typer.Option(help="Cast the weights.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing export folder.")] = False,
     trust_remote_code: TrustOption = False,
 ) -> None:
     """Export a run: a plain Hugging Face model folder (--merge, or full fine-tunes) or the adapter alone."""
-    from tunewright.export import export_run
-
-    if dtype not in (None, "float32", "bfloat16", "float16"):
-        raise TunewrightError(f"--dtype: unknown dtype '{dtype}'; use float32, bfloat16 or float16")
-    folder = export_run(model, output, merge, dtype, overwrite, trust_remote_code or None)  # type: ignore[arg-type]
-    Console().print(f"exported to {folder}")
+    folder = _api(ctx).export(model, output, merge, dtype, overwrite, trust_remote_code or None)
+    console.print(f"exported to {folder}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -195,8 +299,8 @@ def seal(run: Annotated[Path, typer.Argument(help="Complete run folder.")]) -> N
     changes = seal_run(run)
     for kind, names in changes.items():
         for name in names:
-            Console().print(f"{kind}: {name}", highlight=False, soft_wrap=True)
-    Console().print(f"sealed {run}")
+            typer.echo(f"{kind}: {name}")
+    console.print(f"sealed {run}", highlight=False, soft_wrap=True)
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:
@@ -212,6 +316,7 @@ def _serve_help(name: str) -> str:
 
 @app.command()
 def serve(
+    ctx: typer.Context,
     model: Annotated[list[str] | None, typer.Option(
         "--model", "-m", help="Run folder, or NAME=RUN_FOLDER; repeat to serve several.")] = None,
     config: Annotated[list[str] | None, typer.Option(
@@ -224,13 +329,22 @@ def serve(
     max_body_bytes: Annotated[int | None, typer.Option(help=_serve_help("max_body_bytes"))] = None,
     max_concurrent_requests: Annotated[int | None, typer.Option(
         help=_serve_help("max_concurrent_requests"))] = None,
+    max_predict_rows: Annotated[int | None, typer.Option(help=_serve_help("max_predict_rows"))] = None,
+    max_connections: Annotated[int | None, typer.Option(help=_serve_help("max_connections"))] = None,
     request_timeout_s: Annotated[float | None, typer.Option(
         "--request-timeout", help=_serve_help("request_timeout_s"))] = None,
+    read_timeout_s: Annotated[float | None, typer.Option(
+        "--read-timeout", help=_serve_help("read_timeout_s"))] = None,
+    send_timeout_s: Annotated[float | None, typer.Option(
+        "--send-timeout", help=_serve_help("send_timeout_s"))] = None,
+    allowed_hosts: Annotated[list[str] | None, typer.Option(
+        "--allowed-host", help=f"Repeatable. {_serve_help('allowed_hosts')}")] = None,
     api_key: Annotated[str | None, typer.Option(
         envvar="TUNEWRIGHT_API_KEY", show_envvar=True, help=_serve_help("api_key"))] = None,
     trust_remote_code: TrustOption = False,
 ) -> None:
     """Serve runs over an OpenAI-compatible HTTP API (completions, chat completions, /predict)."""
+    import os
     import signal
 
     import pydantic
@@ -238,24 +352,30 @@ def serve(
 
     from tunewright.config import ServeSettings
     from tunewright.serving.app import create_app
+    from tunewright.serving.connections import uvicorn_config
     from tunewright.serving.pool import load_models
 
-    options = {"host": host, "port": port, "max_batch_size": max_batch_size, "batch_wait_ms": batch_wait_ms,
-               "max_tokens": max_tokens, "max_body_bytes": max_body_bytes, "api_key": api_key,
-               "max_concurrent_requests": max_concurrent_requests, "request_timeout_s": request_timeout_s}
+    if api_key is None and os.environ.get("TUNEWRIGHT_API_KEY", "unset").strip() == "":
+        # click reads an empty variable as unset, which would serve with no key at all
+        raise TunewrightError("TUNEWRIGHT_API_KEY is set but empty; set it to a key, or unset it to serve without one")
+    options = {name: value for name, value in locals().items() if name in ServeSettings.model_fields}
+    _quiet_if_asked(ctx)
     try:
         settings = ServeSettings(**{name: value for name, value in options.items() if value is not None})
     except pydantic.ValidationError as error:
         first = error.errors()[0]
-        raise TunewrightError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+        flag = {"request_timeout_s": "request-timeout", "read_timeout_s": "read-timeout",
+                "send_timeout_s": "send-timeout", "allowed_hosts": "allowed-host"}.get(str(first["loc"][0]))
+        raise TunewrightError(
+            f"--{flag or str(first['loc'][0]).replace('_', '-')}: {first['msg'].removeprefix('Value error, ')}"
+        ) from None
     models = load_models(model or [], config or [], trust_remote_code or None)
     console.print(f"serving {', '.join(models)} on http://{settings.host}:{settings.port}", highlight=False)
     # On SIGTERM uvicorn stops accepting, lets in-flight requests finish, runs the app's shutdown and
     # then re-raises the signal; this handler turns that last step into a clean exit (status 0).
     signal.signal(signal.SIGTERM, _exit_cleanly)
-    uvicorn.run(create_app(models, settings), host=settings.host, port=settings.port,
-                log_level="warning" if state["quiet"] else "info",
-                timeout_graceful_shutdown=int(settings.request_timeout_s) + 1)
+    log_level = "warning" if state["quiet"] else "info"
+    uvicorn.Server(uvicorn_config(create_app(models, settings), settings, log_level)).run()
 
 
 def main() -> None:

@@ -2,17 +2,38 @@
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from tunewright.config_messages import SETTING_ERROR, describe
+from tunewright.config_yaml import read_yaml
 from tunewright.errors import ConfigError
 from tunewright.prompt import default_template, template_fields
 
 DEFAULT_BASE_MODEL = "smollm2-135m"
+
+
+Location = tuple[str | int, ...]
+
+
+def refuse(title: str, problems: list[tuple[Location, str]]) -> None:
+    """Report several cross-field problems at once, each at its own key path (relative to the section)."""
+    if problems:
+        details = [
+            InitErrorDetails(type=PydanticCustomError(SETTING_ERROR, "{message}", {"message": message}),
+                             loc=location, input=None)
+            for location, message in problems
+        ]
+        raise ValidationError.from_exception_data(title, details)
+
+
+def changed(section: BaseModel, key: str) -> bool:
+    """The key holds something other than its default (resolved configs hold every key)."""
+    return bool(getattr(section, key) != type(section).model_fields[key].get_default(call_default_factory=True))
 
 
 class Section(BaseModel):
@@ -183,6 +204,13 @@ class QuantizationConfig(Section):
         return self
 
 
+# The arguments each schedule takes besides warmup and length (transformers.get_scheduler's scheduler_specific_kwargs).
+SCHEDULE_KWARGS: dict[str, tuple[str, ...]] = {
+    "constant": (), "linear": (), "cosine": ("num_cycles",), "cosine_with_restarts": ("num_cycles",),
+    "warmup_stable_decay": ("num_decay_steps", "num_stable_steps", "min_lr_ratio", "decay_type", "warmup_type"),
+}
+
+
 class TrainerConfig(Section):
     type: Literal["finetune", "none"] = Field(
         "finetune", description="`finetune` trains; `none` is zero-shot (nothing is trained or saved)."
@@ -193,8 +221,20 @@ class TrainerConfig(Section):
     eval_batch_size: int | None = Field(None, ge=1, description="Samples per evaluation batch (default batch_size).")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
-    lr_scheduler: Literal["constant", "linear", "cosine"] = Field("linear", description="Decay after warmup.")
+    lr_scheduler: Literal["constant", "linear", "cosine", "cosine_with_restarts", "warmup_stable_decay"] = Field(
+        "linear", description="The learning-rate schedule after warmup (transformers' get_scheduler): hold "
+        "`constant`, decay to zero `linear`ly or as a `cosine`, cosine decay `with_restarts` "
+        "(lr_scheduler_kwargs.num_cycles), or `warmup_stable_decay` (hold, then decay over the last "
+        "lr_scheduler_kwargs.num_decay_steps steps; default: the last 10%)."
+    )
+    lr_scheduler_kwargs: dict[str, float | int | str] = Field(
+        default_factory=dict, description="Extra arguments of the schedule, by transformers' names "
+        "(num_cycles, num_decay_steps, num_stable_steps, min_lr_ratio, decay_type)."
+    )
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps spent warming up linearly.")
+    warmup_steps: int | None = Field(
+        None, ge=0, description="Warm up linearly over this many optimizer steps (instead of warmup_ratio)."
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm (null: no clipping).")
     regularization: Literal["l1", "l2", "l1_l2"] | None = Field(
@@ -241,13 +281,33 @@ class TrainerConfig(Section):
         False, description="Recompute activations in the backward pass: less memory, about 30% more compute."
     )
 
+    @model_validator(mode="after")
+    def _schedule_keys(self) -> TrainerConfig:
+        if self.warmup_steps is not None and self.warmup_ratio > 0:
+            raise ValueError("set warmup_steps or warmup_ratio, not both")
+        allowed = SCHEDULE_KWARGS[self.lr_scheduler]
+        for key in self.lr_scheduler_kwargs:
+            if key not in allowed:
+                raise ValueError(
+                    f"lr_scheduler_kwargs.{key} is not an argument of the {self.lr_scheduler} schedule "
+                    f"(it takes: {', '.join(allowed) or 'none'})"
+                )
+        return self
+
+
+# Below this, logits / temperature can overflow float32 and sampling meets inf/nan probabilities.
+MIN_TEMPERATURE = 0.01
+
 
 class GenerationSettings(Section):
     """Maps one-to-one onto transformers' GenerationConfig (see generate.py)."""
 
     max_new_tokens: int = Field(64, ge=1, description="Tokens generated after the prompt.")
     do_sample: bool = Field(False, description="Sample instead of greedy/beam decoding.")
-    temperature: float | None = Field(None, gt=0, description="Sampling temperature.")
+    temperature: float | None = Field(
+        None, ge=MIN_TEMPERATURE, description="Sampling temperature (at least 0.01: below it the probabilities "
+        "overflow)."
+    )
     top_k: int | None = Field(None, ge=1, description="Sample from the k most likely tokens.")
     top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass.")
     num_beams: int = Field(1, ge=1, description="Beam search width (1: greedy or sampling).")
@@ -310,6 +370,28 @@ class ServeSettings(Section):
     max_concurrent_requests: int = Field(64, ge=1, description="Requests in flight at once (429 beyond).")
     request_timeout_s: float = Field(300.0, gt=0, description="A request running longer is cancelled (504).")
     api_key: str | None = Field(None, description="When set, every endpoint but /health needs this bearer key.")
+    max_predict_rows: int = Field(1000, ge=1, description="Most rows one /predict request may send (400 beyond).")
+    allowed_hosts: list[str] | None = Field(
+        None,
+        description="Host header values accepted ('*' for any). Default: the bound host, plus localhost, "
+        "127.0.0.1 and ::1 on a loopback bind; any host on a wildcard bind (0.0.0.0, ::).",
+    )
+    read_timeout_s: float = Field(
+        30.0, gt=0, description="A client must send its request headers, and then its body, within this time (408)."
+    )
+    send_timeout_s: float = Field(
+        30.0, gt=0, description="A client that takes no response data for this long is disconnected."
+    )
+    max_connections: int = Field(
+        256, ge=1, description="Open connections at once, idle keep-alive ones included (503 beyond)."
+    )
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_empty(cls, key: str | None) -> str | None:
+        if key is not None and not key.strip():
+            raise ValueError("the API key is empty; give a non-empty key, or leave it out to serve without one")
+        return key
 
 
 class TunewrightConfig(Section):
@@ -328,34 +410,7 @@ class TunewrightConfig(Section):
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> TunewrightConfig:
-        if len(self.output_features) > 1:
-            raise ValueError(
-                f"output_features: only a single output feature is supported, got {len(self.output_features)}"
-            )
-        if self.quantization is not None and (self.adapter is None or self.adapter.type == "full"):
-            raise ValueError(
-                "quantization: quantized weights cannot be fully fine-tuned; set adapter.type (e.g. lora) "
-                "or remove the quantization section"
-            )
-        if self.quantization is not None and self.backend.device == "cpu":
-            raise ValueError("quantization: 4/8-bit loading needs CUDA but backend.device is 'cpu'; remove one")
-        input_names = [feature.name for feature in self.input_features]
-        if len(set(input_names)) != len(input_names):
-            raise ValueError("input_features: feature names must be distinct")
-        template = self.prompt.template or default_template(input_names)
-        try:
-            fields = template_fields(template)
-        except ValueError as error:
-            raise ValueError(f"prompt.template: {error}") from None
-        missing = [name for name in fields if name not in input_names]
-        if missing:
-            raise ValueError(
-                f"prompt.template: placeholder {{{missing[0]}}} is not an input feature "
-                f"(input features: {', '.join(input_names)})"
-            )
-        output = self.output_features[0]
-        if output.name in fields:
-            raise ValueError(f"prompt.template: the output column {{{output.name}}} must not appear in the prompt")
+        refuse("TunewrightConfig", [*_structure_problems(self), *_template_problems(self), *_ignored_settings(self)])
         return self
 
     @property
@@ -371,95 +426,125 @@ class TunewrightConfig(Section):
         return self.prompt.template or default_template(self.input_columns)
 
 
-def _key_path(location: tuple[int | str, ...]) -> str:
-    """('input_features', 0, 'nme') -> 'input_features[0].nme'."""
-    path = ""
-    for item in location:
-        path += f"[{item}]" if isinstance(item, int) else (f".{item}" if path else str(item))
-    return path or "(top level)"
+def _structure_problems(config: TunewrightConfig) -> list[tuple[Location, str]]:
+    problems: list[tuple[Location, str]] = []
+    if len(config.output_features) > 1:
+        count = len(config.output_features)
+        problems.append((("output_features",), f"only a single output feature is supported, got {count}"))
+    if config.quantization is not None and (config.adapter is None or config.adapter.type == "full"):
+        problems.append((("quantization",), "quantized weights cannot be fully fine-tuned; set adapter.type "
+                         "(e.g. lora) or remove the quantization section"))
+    if config.quantization is not None and config.backend.device == "cpu":
+        problems.append((("quantization",), "4/8-bit loading needs CUDA but backend.device is 'cpu'; remove one"))
+    if len(set(config.input_columns)) != len(config.input_columns):
+        problems.append((("input_features",), "feature names must be distinct"))
+    return problems
 
 
-def _section_for(location: tuple[int | str, ...]) -> type[BaseModel] | None:
-    """The schema class that owns the key at `location`, to suggest names from."""
-    model: Any = TunewrightConfig
-    for item in location[:-1]:
-        if isinstance(item, int):
-            continue
-        field = model.model_fields.get(item)
-        if field is None:
-            return None
-        annotation = field.annotation
-        candidates = [annotation, *getattr(annotation, "__args__", ())]
-        for candidate in candidates:
-            inner = getattr(candidate, "__args__", (candidate,))
-            classes = [c for c in (candidate, *inner) if isinstance(c, type) and issubclass(c, BaseModel)]
-            if classes:
-                model = classes[0]
-                break
-        else:
-            return None
-    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+def _template_problems(config: TunewrightConfig) -> list[tuple[Location, str]]:
+    where: Location = ("prompt", "template")
+    try:
+        fields = template_fields(config.prompt_template)
+    except ValueError as error:
+        return [(where, str(error))]
+    problems: list[tuple[Location, str]] = []
+    input_names = config.input_columns
+    for name in fields:
+        if name not in input_names:
+            problems.append((where, f"placeholder {{{name}}} is not an input feature "
+                             f"(input features: {', '.join(input_names)})"))
+    output = config.output_features[0].name
+    if output in fields:
+        problems.append((where, f"the output column {{{output}}} must not appear in the prompt"))
+    return problems
 
 
-def _describe(error: Any) -> str:
-    location = tuple(part for part in error["loc"] if not str(part).startswith("function-after"))
-    path = _key_path(location)
-    if error["type"] == "extra_forbidden":
-        owner = _section_for(location)
-        hint = ""
-        if owner is not None:
-            close = difflib.get_close_matches(str(location[-1]), list(owner.model_fields), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(owner.model_fields)})"
-        return f"{path}: unknown key{hint}"
-    if error["type"] == "missing":
-        return f"{path}: required key is missing"
-    message = str(error["msg"]).removeprefix("Value error, ")
-    if error["type"] == "value_error" and ":" in message and path == "(top level)":
-        return message
-    return f"{path}: {message}"
+def _ignored_settings(config: TunewrightConfig) -> list[tuple[Location, str]]:
+    """Settings that the rest of the config makes do nothing: refused, so no config looks as if it did more.
+
+    Sampling knobs without do_sample are refused rather than taken to mean sampling: a greedy config
+    must not turn random because of a copied `temperature`, and the fix is one explicit line.
+    """
+    problems: list[tuple[Location, str]] = []
+
+    def check(where: Location, section: BaseModel, keys: tuple[str, ...], applies: bool, fix: str) -> None:
+        if not applies:
+            problems.extend(((*where, key), fix) for key in keys if changed(section, key))
+
+    generation, trainer, preprocessing = config.generation, config.trainer, config.preprocessing
+    check(("generation",), generation, ("temperature", "top_k", "top_p"), generation.do_sample,
+          "takes effect only when sampling; set generation.do_sample: true, or remove it")
+    for index, output in enumerate(config.output_features):
+        check(("output_features", index), output, ("labels", "decoder", "score_normalization"),
+              output.type == "category", "applies to type: category only; remove it, or set type: category")
+        check(("output_features", index), output, ("score_normalization",),
+              output.type != "category" or output.decoder == "label_scoring",
+              "applies to decoder: label_scoring only (the classifier head does not score labels); remove it")
+    check(("trainer",), trainer, ("regularization_lambda",), trainer.regularization is not None,
+          "takes effect only with trainer.regularization (l1, l2 or l1_l2); set it, or remove this key")
+    check(("trainer",), trainer, ("max_skipped_steps",), trainer.on_nonfinite == "skip_batch",
+          "takes effect only with trainer.on_nonfinite: skip_batch; set it, or remove this key")
+    check(("trainer",), trainer, ("group_by_length",), not trainer.packing,
+          "takes effect only without packing; set trainer.packing: false, or remove this key")
+    check(("preprocessing",), preprocessing, ("split",), preprocessing.split_column is None,
+          "is not used when preprocessing.split_column assigns the splits; remove one of them")
+    return problems
 
 
-def validate_config(raw: Any, source: str = "config") -> TunewrightConfig:
+def _one_line(text: str) -> str:
+    # Keys and values may hold line breaks; the CLI prints one line, so they are shown escaped.
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def validate_config(
+    raw: Any, source: str = "config", nodes: yaml.Node | None = None, problems: list[str] | None = None
+) -> TunewrightConfig:
     """Validate a config dict, reporting every problem at once with its key path.
 
     Args:
         raw: the parsed YAML (a mapping).
         source: how to name the config in messages (usually its file path).
+        nodes: the YAML node tree `raw` came from, to quote values as they were written.
+        problems: problems already found in the file (duplicated keys), reported with the rest.
 
     Raises:
         ConfigError: one line listing every error found.
     """
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the config must be a mapping of sections, got {type(raw).__name__}")
+    found = list(problems or [])
     try:
-        return TunewrightConfig.model_validate(raw)
+        config = TunewrightConfig.model_validate(raw)
     except ValidationError as error:
-        # Keys and values may hold line breaks; the CLI prints one line, so they are shown escaped.
-        problems = [_describe(item).replace("\r", "\\r").replace("\n", "\\n") for item in error.errors()]
-        count = f"{len(problems)} errors: " if len(problems) > 1 else ""
-        raise ConfigError(f"{source}: {count}{'; '.join(problems)}") from None
+        for item in error.errors():
+            message = _one_line(describe(item, TunewrightConfig, raw, nodes))
+            if message not in found:  # a list's bad items share one message
+                found.append(message)
+    if found:
+        count = f"{len(found)} errors: " if len(found) > 1 else ""
+        raise ConfigError(f"{source}: {count}{'; '.join(found)}")
+    return config
 
 
 def load_config(source: str | Path | dict[str, Any] | TunewrightConfig | Any) -> TunewrightConfig:
     """Read and validate a config from a YAML file, a dict or an existing config object.
 
     Raises:
-        ConfigError: the file is missing or unreadable, or the config is invalid.
+        ConfigError: the file is missing, empty or not valid YAML, or the config is invalid.
     """
     if isinstance(source, TunewrightConfig):
         return source
     if not isinstance(source, str | Path):
         return validate_config(source)
     path = Path(source)
+    shown = str(path) if str(path).isprintable() else repr(str(path))  # keep the error on one line
     if not path.is_file():
-        shown = str(path) if str(path).isprintable() else repr(str(path))  # keep the error on one line
         raise ConfigError(f"{shown}: config file not found; pass the path of a YAML config")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ConfigError(f"{path}: not valid YAML ({first_line})") from None
-    return validate_config(raw, source=str(path))
+        document = read_yaml(path)
+    except ValueError as error:
+        raise ConfigError(f"{shown}: {error}") from None
+    return validate_config(document.data, source=shown, nodes=document.root, problems=document.problems)
 
 
 def config_to_dict(config: TunewrightConfig) -> dict[str, Any]:

@@ -1,4 +1,8 @@
-"""User-facing errors: raised by the library, rendered by the CLI as one line."""
+"""User-facing errors: raised by the library, rendered by the CLI as one line.
+
+Exit codes: 1 any other error of ours, 2 a usage error (a bad or missing flag: click's own code),
+3 data, 4 model loading, 5 run folder, 6 training fault, 7 config, 128 + N a signal.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ class TunewrightError(Exception):
 class ConfigError(TunewrightError):
     """The YAML config (or dict) is invalid; the message names the key path."""
 
-    exit_code = 2
+    exit_code = 7  # not 2: click exits 2 for usage errors (a bad flag), and scripts tell the two apart
 
 
 class DataError(TunewrightError):

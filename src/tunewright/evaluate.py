@@ -117,5 +117,5 @@ def evaluate_frame(tuned: TunedModel, frame: pd.DataFrame, show_progress: bool =
         evaluation = evaluate_category(tuned, frame, source, show_progress)
     else:
         evaluation = evaluate_text(tuned, frame, batch_size, show_progress)
-    evaluation.metrics["rows"] = float(len(frame))
+    evaluation.metrics["rows"] = len(frame)  # a count: an int in the JSON too
     return evaluation

@@ -21,6 +21,7 @@ from tunewright.config import TunewrightConfig, save_config
 from tunewright.errors import ConfigError, RunFolderError
 from tunewright.generate import to_generation_config
 from tunewright.loading import load
+from tunewright.output_folder import check_outside_sources, check_replaceable, entry_names, remove_entries
 from tunewright.predictor import TunedModel
 from tunewright.run import check_complete, load_run_config
 
@@ -75,14 +76,33 @@ def check_exportable(config: TunewrightConfig, merge: bool) -> None:
         )
 
 
-def check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())) and not overwrite:
+def check_output_dir(output_dir: Path, overwrite: bool, source: Path | None = None) -> None:
+    """Refuse an output that is, holds or lies inside the run being exported, and (without `overwrite`)
+    an existing non-empty folder; `overwrite` replaces only an export folder holding nothing else.
+
+    Raises:
+        RunFolderError: naming the folder and, for --overwrite, what it would delete.
+    """
+    if source is not None:
+        check_outside_sources(output_dir, [("the run being exported", source)])
+    if not output_dir.exists() or (output_dir.is_dir() and not entry_names(output_dir)):
+        return
+    if not overwrite and output_dir.is_dir():
         raise RunFolderError(f"{output_dir}: the export folder exists and is not empty; pass --overwrite")
+    check_replaceable(output_dir, "export folder", EXPORT_CONFIG_FILE)
 
 
 def _staging_dir(output_dir: Path) -> Path:
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.exporting-", dir=output_dir.parent))
+
+
+def _replace_output(staging: Path, output_dir: Path) -> None:
+    """Move the finished export into place; an old export there (checked replaceable) is removed first."""
+    if output_dir.is_dir():
+        remove_entries(output_dir)
+        output_dir.rmdir()
+    staging.rename(output_dir)
 
 
 def export_model(
@@ -102,16 +122,18 @@ def export_model(
         output_dir: the folder to write.
         merge: merge the adapter into the base weights (else write the adapter folder alone).
         dtype: cast the weights to this dtype (default: keep the run's dtype).
-        overwrite: replace an existing non-empty folder.
+        overwrite: replace an existing export folder (one that holds only what an export writes).
 
     Raises:
         ConfigError: the run cannot be exported as asked (prompt-learning merge, classifier head).
-        RunFolderError: the output folder exists and `overwrite` is false.
+        RunFolderError: the output folder exists and `overwrite` is false, or it is not an export folder,
+            or it holds files an export does not write (they are listed; nothing is deleted).
     """
     output_dir = Path(output_dir)
+    target = output_dir.resolve()  # a symlinked output folder is replaced where it points
     check_exportable(tuned.config, merge)
     check_output_dir(output_dir, overwrite)
-    staging = _staging_dir(output_dir)
+    staging = _staging_dir(target)
     try:
         model: Any = merged_model(tuned) if merge or not is_adapter_model(tuned.model) else tuned.model
         if dtype is not None:
@@ -128,9 +150,8 @@ def export_model(
         tuned.tokenizer.init_kwargs["padding_side"] = "left"
         tuned.tokenizer.save_pretrained(staging)  # tokenizer files and chat_template.jinja
         save_config(tuned.config, staging / EXPORT_CONFIG_FILE)
-        if output_dir.exists():
-            shutil.rmtree(output_dir) if output_dir.is_dir() else output_dir.unlink()
-        staging.rename(output_dir)
+        check_output_dir(output_dir, overwrite)  # again: the folder may have changed while the model was saved
+        _replace_output(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -154,5 +175,5 @@ def export_run(
     """
     run_dir = check_complete(run_dir)
     check_exportable(load_run_config(run_dir), merge)
-    check_output_dir(Path(output_dir), overwrite)
+    check_output_dir(Path(output_dir), overwrite, run_dir)
     return export_model(load(run_dir, trust_remote_code), output_dir, merge, dtype, overwrite)

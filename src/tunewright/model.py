@@ -233,7 +233,8 @@ def check_weights_folder(folder: Path, allow_pickle: bool = False) -> None:
     if pickles and not safetensors and not allow_pickle:
         raise ModelLoadError(
             f"{folder}: holds only pickle weights ({', '.join(pickles)}), which can run code when loaded; "
-            "convert them to safetensors, or set backend.allow_pickle_weights: true if you trust the source"
+            "convert them to safetensors, or if you trust the source set backend.allow_pickle_weights: true "
+            "(loading a saved run: TUNEWRIGHT_ALLOW_PICKLE_WEIGHTS=1)"
         )
 
 

@@ -17,10 +17,10 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Iterable
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Literal
@@ -35,7 +35,14 @@ from tunewright.checkpoint import (
 from tunewright.config import TunewrightConfig, load_config, save_config
 from tunewright.errors import ConfigError, RunFolderError, TunewrightError
 from tunewright.model import PICKLE_WEIGHT_SUFFIXES, check_safetensors_file
-from tunewright.trust import remote_code_trusted, with_trust
+from tunewright.output_folder import (
+    check_outside_sources,
+    check_replaceable,
+    describe_entries,
+    entry_names,
+    remove_entries,
+)
+from tunewright.trust import saved_run_backend
 
 log = logging.getLogger(__name__)
 
@@ -89,18 +96,57 @@ def set_status(run_dir: Path, status: RunStatus, **fields: Any) -> None:
     write_json_atomic(run_dir / STATUS_FILE, current)
 
 
-def start_run(run_dir: Path, config: TunewrightConfig, overwrite: bool = False) -> None:
-    """Create the folder (refusing to clobber an existing run unless asked) and save the resolved config."""
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise RunFolderError(
-                f"{run_dir}: the output folder already holds a run; pass --overwrite to replace it, --resume "
-                "to continue it, or choose another folder"
-            )
-        shutil.rmtree(run_dir)
+def start_run(run_dir: Path, config: TunewrightConfig, overwrite: bool = False,
+              sources: Iterable[tuple[str, Path]] = ()) -> None:
+    """Create the folder and save the resolved config.
+
+    An existing run is replaced only with `overwrite`, and only if the folder holds nothing but what
+    tunewright writes; a run that failed before training began is simply started again.
+
+    Args:
+        sources: (what it is, path) pairs the run reads (the dataset, `--from-run`); the folder
+            may not be, contain or lie inside one.
+
+    Raises:
+        RunFolderError: the folder is a source, holds a run (without `overwrite`) or files tunewright
+            did not write.
+    """
+    check_outside_sources(run_dir, sources)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunFolderError(f"{run_dir}: exists and is not a folder; choose a folder path for the run")
+    if entry_names(run_dir):
+        if never_started(run_dir):
+            log.info("%s: the previous attempt stopped before training began (%s); starting again", run_dir,
+                     read_status(run_dir).get("error") or "no error recorded")
+        elif not overwrite:
+            raise RunFolderError(_occupied_message(run_dir))
+        else:
+            check_replaceable(run_dir, "run folder", STATUS_FILE)
+            log.info("%s: --overwrite: replacing the run in this folder", run_dir)
+        remove_entries(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     set_status(run_dir, "running", started=time.time(), pid=os.getpid(), host=socket.gethostname())
     save_config(config, run_dir / CONFIG_FILE)
+
+
+def never_started(run_dir: Path) -> bool:
+    """Whether the folder holds only a run that stopped before its first training step (a bad base model,
+    target_modules that match nothing, Ctrl-C while loading): nothing in it is worth keeping."""
+    status = read_status(run_dir)
+    if set(entry_names(run_dir)) - {STATUS_FILE, CONFIG_FILE} or "tunewright_version" not in status:
+        return False
+    state = status.get("status")
+    # A `running` run on another host may still be loading its model: only one here whose process is gone.
+    stale = state == "running" and status.get("host") == socket.gethostname() and not _still_running(status)
+    return state in ("failed", "interrupted") or stale
+
+
+def _occupied_message(run_dir: Path) -> str:
+    if (run_dir / STATUS_FILE).is_file():
+        return (f"{run_dir}: the output folder already holds a run; pass --overwrite to replace it, --resume "
+                "to continue it, or choose another folder")
+    return (f"{run_dir}: the output folder holds {describe_entries(entry_names(run_dir))} and is not a tunewright "
+            "run folder; choose a new or empty folder")
 
 
 def resume_run(run_dir: Path, config: TunewrightConfig, fingerprint: dict[str, str]) -> Path | None:
@@ -110,7 +156,7 @@ def resume_run(run_dir: Path, config: TunewrightConfig, fingerprint: dict[str, s
     different model, adapter, prompt, dataset or data order (the differing keys are listed).
     A folder that does not exist yet simply starts a new run.
     """
-    if not run_dir.exists() or not any(run_dir.iterdir()):
+    if not run_dir.is_dir() or not entry_names(run_dir):
         log.info("%s: nothing to resume yet; starting a new run", run_dir)
         start_run(run_dir, config)
         return None
@@ -345,10 +391,11 @@ def check_complete(run_dir: str | Path) -> Path:
 
 
 def load_run_config(run_dir: Path, trust_remote_code: bool | None = None) -> TunewrightConfig:
-    """The run's saved config, with backend.trust_remote_code set by the person only (the saved value is
-    ignored): `trust_remote_code` when given, else TUNEWRIGHT_TRUST_REMOTE_CODE."""
+    """The run's saved config, with backend.trust_remote_code and allow_pickle_weights set by the person only
+    (the saved values are ignored): `trust_remote_code` when given, else TUNEWRIGHT_TRUST_REMOTE_CODE, and
+    TUNEWRIGHT_ALLOW_PICKLE_WEIGHTS."""
     config = load_config(run_dir / CONFIG_FILE)
-    return config.model_copy(update={"backend": with_trust(config.backend, remote_code_trusted(trust_remote_code))})
+    return config.model_copy(update={"backend": saved_run_backend(config.backend, trust_remote_code)})
 
 
 def check_continuable(from_run: str | Path, config: TunewrightConfig) -> Path:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from torch import nn
+from transformers import get_scheduler
 
 from tunewright.checkpoint import (
     Checkpoint,
@@ -51,16 +52,16 @@ def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
     return [parameter for parameter in module.parameters() if parameter.requires_grad]
 
 
-def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
-    """Linear warmup, then constant / linear / cosine decay to zero at `total_steps`."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    if schedule == "linear":
-        return max(0.0, 1.0 - progress)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+def learning_rate_schedule(optimizer: Any, cfg: TrainerConfig, total_steps: int) -> Any:
+    """transformers' schedule named by `cfg.lr_scheduler`, stepped once per optimizer step."""
+    warmup_steps = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_ratio * total_steps)
+    name, kwargs = cfg.lr_scheduler, dict(cfg.lr_scheduler_kwargs)
+    if name == "constant":
+        name = "constant_with_warmup"  # transformers' `constant` ignores warmup
+    if name == "warmup_stable_decay":
+        kwargs.setdefault("num_decay_steps", max(1, round(0.1 * total_steps)))
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps,
+                         scheduler_specific_kwargs=kwargs)
 
 
 def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -256,10 +257,7 @@ def start_session(objective: nn.Module, optimizer: Any, cfg: TrainerConfig, tota
                   fingerprint: dict[str, str] | None, resume: Checkpoint | None, checkpoint_dir: Path | None
                   ) -> Session:
     """A new session, or the one `resume` saved (weights, optimizer and scheduler restored)."""
-    warmup_steps = round(cfg.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, total_steps, warmup_steps, cfg.lr_scheduler)
-    )
+    scheduler = learning_rate_schedule(optimizer, cfg, total_steps)
     if resume is None:
         state = TrainerState(fingerprint=fingerprint or {})
         state.micro_batch_size = cfg.batch_size

@@ -205,6 +205,17 @@ class RowTracker(StoppingCriteria):
         return cast(torch.BoolTensor, done)  # (B,)
 
 
+class AllCancelled(StoppingCriteria):
+    """Beam search: ends the whole search once every job in the batch is cancelled (timeout, client gone)."""
+
+    def __init__(self, jobs: list[GenerationJob]) -> None:
+        self.jobs = jobs
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        stop = all(job.cancelled for job in self.jobs)
+        return cast(torch.BoolTensor, torch.full((input_ids.shape[0],), stop, device=input_ids.device))  # (B*beams,)
+
+
 @contextmanager
 def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
     """Sample from `seed` without disturbing the global random state."""
@@ -239,7 +250,7 @@ def run_generation(jobs: list[GenerationJob]) -> None:
             rows[row].push(token)
             return rows[row].finished
 
-        criteria = StoppingCriteriaList([RowTracker(rows)]) if track else None
+        criteria = StoppingCriteriaList([RowTracker(rows) if track else AllCancelled(jobs)])
         with seeded(first.seed, device):
             new_tokens = generate_batch(model, batch, first.settings, config, stop_ids, on_token=push,
                                         stopping_criteria=criteria)

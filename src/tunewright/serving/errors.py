@@ -6,6 +6,7 @@ from typing import Any
 
 ERROR_TYPES = {
     401: "authentication_error",
+    408: "timeout_error",
     429: "rate_limit_error",
     500: "server_error",
     503: "service_unavailable_error",

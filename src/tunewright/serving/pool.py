@@ -48,8 +48,8 @@ class ServedModel:
         parent: for adapters, the base model they were trained on.
         predictable: has a config of its own (a run or a zero-shot config), so /predict works.
         defaults: generation settings used where a request leaves a field out.
-        request_tokenizer: a private copy used only by the HTTP event loop, so request threads
-            and the worker never share one Rust tokenizer object.
+        request_tokenizer: a private copy used only by the server's tokenizer thread, so that
+            thread and the worker never share one Rust tokenizer object.
     """
 
     name: str
@@ -128,6 +128,17 @@ def _shareable(run_dir: Path) -> bool:
     )
 
 
+def public_name(base_model: str) -> str:
+    """The name a base model is served under: a local folder or file by its own name, never its path.
+
+    /v1/models is open to every client, and a path would tell them about the server's disk.
+    """
+    path = Path(base_model).expanduser()
+    if path.is_absolute() or path.exists() or base_model.startswith((".", "~")):
+        return path.name
+    return base_model  # a Hub id or an alias
+
+
 def _group_key(config: TunewrightConfig) -> str:
     parts = [config.base_model, config.backend.model_dump_json()]
     parts.append(config.quantization.model_dump_json() if config.quantization else "")
@@ -153,7 +164,7 @@ class _PoolBuilder:
             log.info("loading base model %s", config.base_model)
             loaded = load_base_model(config.base_model, config.backend, config.quantization)
             loaded.model.eval()
-            self.bases[key] = SharedBase(config.base_model, loaded)
+            self.bases[key] = SharedBase(public_name(config.base_model), loaded)
         return self.bases[key]
 
     def add_run(self, name: str | None, run_dir: Path) -> None:
@@ -166,7 +177,7 @@ class _PoolBuilder:
             # Full weights, prompt learning, AdaLoRA, or a second adapter type: its own copy.
             tuned = loading.load(run_dir, self.trust_remote_code)
             adapter_name = "default" if isinstance(tuned.model, PeftModel) else None
-            parent = config.base_model if adapter_name else None
+            parent = public_name(config.base_model) if adapter_name else None
             self.add(ServedModel(name, tuned, adapter_name, parent, defaults=config.generation), str(run_dir))
             return
         adapter_name = shared.attach(run_dir, adapter_type) if kind == "adapter" else None
@@ -178,7 +189,7 @@ class _PoolBuilder:
             attach_category(tuned, load_vocabulary(run_dir), run_dir)
             if tuned.classifier is not None:
                 tuned.classifier.eval()
-        parent = config.base_model if adapter_name else None
+        parent = public_name(config.base_model) if adapter_name else None
         self.add(ServedModel(name, tuned, adapter_name, parent, defaults=config.generation), str(run_dir))
 
     def add_config(self, name: str | None, path: Path) -> None:
@@ -215,7 +226,7 @@ def load_models(
 
     Returns:
         The served models by name: every run, every config, and the base model of each group of
-        adapters (named by its `base_model` value).
+        adapters (named by its `base_model` value; a local folder by its own name, never its path).
 
     Raises:
         TunewrightError: nothing to serve, a name used twice, or a run/config that cannot be loaded.
