@@ -8,6 +8,7 @@ what `tunewright predict` or plain generation gives for the same model loaded on
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -759,6 +760,19 @@ def test_batcher_stop_fails_waiting_work() -> None:
     late = Item("a", batches, "late")
     batcher.submit(late)
     assert isinstance(late.errors[0], ShuttingDown)
+
+
+def test_batcher_stop_outlasts_its_timeout_rather_than_leave_the_worker_running(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Exiting while the worker is inside torch aborts the process, so stop() waits for the batch to end."""
+    batcher: DynamicBatcher[Any] = DynamicBatcher(max_batch_size=1, wait_s=0.0)
+    gate = hold_worker(batcher)
+    threading.Timer(0.5, gate.release.set).start()
+    with caplog.at_level(logging.WARNING, logger="tunewright.serving.batching"):
+        batcher.stop(0.05)
+    assert gate.release.is_set() and not batcher._thread.is_alive()  # type: ignore[union-attr]
+    assert "waiting for the batch in progress" in caplog.text
 
 
 # ---- the CLI command -----------------------------------------------------------------------------

@@ -88,13 +88,21 @@ class DynamicBatcher(Generic[W]):
         self._queue.put(work)
 
     def stop(self, timeout_s: float | None = None) -> None:
-        """Finish the batch in progress, fail whatever is still waiting, and end the thread."""
+        """Finish the batch in progress, fail whatever is still waiting, and end the thread.
+
+        The thread always ends before this returns: after `timeout_s` it logs a warning and keeps waiting.
+        """
         with self._lock:
             self._stopping = True
             thread = self._thread
         if thread is not None and thread.is_alive():
             self._queue.put(None)
             thread.join(timeout_s)
+            if thread.is_alive():
+                # Exiting while the worker is inside a torch call aborts the process ("terminate called
+                # without an active exception"); the batch in progress is one model step or chunk at most.
+                log.warning("waiting for the batch in progress to end before stopping")
+                thread.join()
         self._fail_waiting()
 
     def _fail_waiting(self) -> None:
