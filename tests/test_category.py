@@ -191,3 +191,42 @@ def test_real_model_label_scoring_on_sst2():
     metrics = tunewright.evaluate(model, rows)
     assert 0 < metrics["loss"] < 5 and metrics["rows"] == 24
     assert sum(sum(row) for row in metrics["confusion_matrix"]["matrix"]) == 24
+
+
+# ---- contextual calibration --------------------------------------------------------------------------
+
+
+def test_calibration_divides_by_the_prior_and_renormalises() -> None:
+    from tunewright.heads import calibrate, content_free_prior
+
+    log_probs = torch.tensor([[0.7, 0.3], [0.9, 0.1]]).log()
+    uniform = torch.tensor([0.5, 0.5]).log()
+    assert torch.allclose(calibrate(log_probs, uniform), log_probs, atol=1e-6)
+    # A prompt that leans 80/20 toward the first label: 0.7/0.8 vs 0.3/0.2 now favours the second.
+    calibrated = calibrate(log_probs, torch.tensor([0.8, 0.2]).log()).exp()
+    assert calibrated[0].argmax() == 1 and calibrated[1].argmax() == 0
+    assert torch.allclose(calibrated.sum(dim=-1), torch.ones(2))
+    prior = content_free_prior(torch.tensor([[0.6, 0.4], [1.0, 0.0]]).clamp_min(1e-12).log()).exp()
+    assert torch.allclose(prior, torch.tensor([0.8, 0.2]), atol=1e-6)
+
+
+def test_content_free_calibration_applies_to_predictions_and_is_refused_elsewhere(tiny_config) -> None:
+    from tunewright.heads import CONTENT_FREE_INPUTS, calibrate
+
+    config = category_config(tiny_config, "label_scoring", type="none")
+    config["output_features"][0]["labels"] = ["cold", "warm"]
+    plain = tunewright.from_config(config)
+    config["output_features"][0]["calibration"] = "content_free"
+    calibrated = tunewright.from_config(config)
+    rows = label_rows(6)
+    ids = plain.encode_frame(rows)
+    empty = plain.encode_frame(pd.DataFrame({"word": list(CONTENT_FREE_INPUTS)}))
+    prior = torch.logsumexp(plain.label_log_probs(empty), dim=0) - torch.log(torch.tensor(3.0))
+    expected = calibrate(plain.label_log_probs(ids), prior)
+    assert torch.allclose(calibrated.label_log_probs(ids), expected, atol=1e-5)
+    predicted = tunewright.predict(calibrated, rows, all_probabilities=True)
+    assert predicted["probability_cold"].tolist() == pytest.approx(expected.exp()[:, 0].tolist(), abs=1e-5)
+    for output in ({"name": "label", "type": "text"}, {"name": "label", "type": "category", "decoder": "classifier"}):
+        bad = {**config, "output_features": [{**output, "calibration": "content_free"}]}
+        with pytest.raises(ConfigError, match=r"output_features\[0\]\.calibration"):
+            tunewright.load_config(bad)

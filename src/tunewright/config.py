@@ -63,6 +63,11 @@ class OutputFeature(Section):
         "sum", description="Category label scoring: the label's log-likelihood (`sum` of its token log-probs) "
         "or their `mean`, which favours multi-token labels whose later tokens are easy to predict."
     )
+    calibration: Literal["none", "content_free"] = Field(
+        "none", description="Category label scoring: `content_free` divides each label's probability by its "
+        "probability when every input is content-free ('N/A', '', '[MASK]') in the same prompt, then renormalises "
+        "(contextual calibration, Zhao et al. 2021): it removes the prompt's bias toward some labels."
+    )
 
     @model_validator(mode="after")
     def _labels_are_distinct(self) -> OutputFeature:
@@ -477,6 +482,9 @@ def _ignored_settings(config: TunewrightConfig) -> list[tuple[Location, str]]:
     for index, output in enumerate(config.output_features):
         check(("output_features", index), output, ("labels", "decoder", "score_normalization"),
               output.type == "category", "applies to type: category only; remove it, or set type: category")
+        check(("output_features", index), output, ("calibration",),
+              output.type == "category" and output.decoder == "label_scoring",
+              "applies to type: category with decoder: label_scoring only; remove it")
         check(("output_features", index), output, ("score_normalization",),
               output.type != "category" or output.decoder == "label_scoring",
               "applies to decoder: label_scoring only (the classifier head does not score labels); remove it")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -358,3 +359,19 @@ def load_head(run_dir: Path, objective: ClassifierObjective) -> None:
         raise RunFolderError(
             f"{path}: does not fit this model and label set ({str(error).splitlines()[0]})"
         ) from None
+
+
+# --- contextual calibration (Zhao et al. 2021, "Calibrate Before Use") ---------------------------------
+
+# Inputs that say nothing about any label: what the prompt alone makes the model lean toward.
+CONTENT_FREE_INPUTS = ("N/A", "", "[MASK]")
+
+
+def content_free_prior(log_probs: torch.Tensor) -> torch.Tensor:
+    """(L,) log of the mean label distribution over the content-free rows' (K, L) log-probabilities."""
+    return torch.logsumexp(log_probs, dim=0) - math.log(log_probs.shape[0])
+
+
+def calibrate(log_probs: torch.Tensor, log_prior: torch.Tensor) -> torch.Tensor:
+    """(N, L) log-probabilities divided by the prior (W = diag(prior)^-1, b = 0) and renormalised per row."""
+    return (log_probs - log_prior).log_softmax(dim=-1)

@@ -16,8 +16,11 @@ from tunewright.config import GenerationSettings, TunewrightConfig
 from tunewright.data import Dataset, as_frame, check_columns, encode_prompts, fit_prompts, render_prompts
 from tunewright.generate import generate_texts
 from tunewright.heads import (
+    CONTENT_FREE_INPUTS,
     ClassifierObjective,
+    calibrate,
     classifier_log_probs,
+    content_free_prior,
     encode_labels,
     label_start_tokens,
     load_head,
@@ -74,6 +77,19 @@ class TunedModel:
         return generate_texts(self.model, self.tokenizer, self.encode_texts(prompts), settings, show_progress)
 
     def label_log_probs(self, prompt_ids: Sequence[list[int]], show_progress: bool = False) -> torch.Tensor:
+        """(N, L) log-probabilities of each label (contextually calibrated when the output feature asks)."""
+        log_probs = self.uncalibrated_label_log_probs(prompt_ids, show_progress)
+        if self.config.output_feature.calibration == "content_free" and self.classifier is None:
+            log_probs = calibrate(log_probs, self.content_free_log_prior())
+        return log_probs
+
+    def content_free_log_prior(self) -> torch.Tensor:
+        """(L,) the prompt's own leaning: mean label probabilities when every input is content-free."""
+        frame = pd.DataFrame({column: list(CONTENT_FREE_INPUTS) for column in self.config.input_columns})
+        return content_free_prior(self.uncalibrated_label_log_probs(self.encode_frame(frame)))
+
+    def uncalibrated_label_log_probs(self, prompt_ids: Sequence[list[int]],
+                                     show_progress: bool = False) -> torch.Tensor:
         """(N, L) log-probabilities of each label, in batches sorted by length (results keep input order)."""
         if self.labels is None:
             raise ValueError("label_log_probs needs a category model with a label vocabulary")
