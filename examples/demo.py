@@ -24,7 +24,7 @@ SHOWN_METRICS = ["exact_match", "char_error_rate", "bleu", "rouge_l", "token_acc
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(show_path=False)])
-    for noisy in ("transformers", "accelerate", "peft", "httpx"):
+    for noisy in ("transformers", "accelerate", "peft", "httpx", "absl"):  # absl: rouge-score's tokenizer notice
         logging.getLogger(noisy).setLevel(logging.WARNING)
     console = Console()
     config = load_config(HERE / "config.yaml")
