@@ -52,6 +52,13 @@ class TunedModel:
     classifier: ClassifierObjective | None = None
 
     @property
+    def predict_batch_size(self) -> int:
+        """Rows per model batch when predicting: label scoring's evaluation batch, or generation's."""
+        if self.is_category:
+            return self.config.trainer.eval_batch_size or self.config.trainer.batch_size
+        return self.config.generation.batch_size
+
+    @property
     def max_input_len(self) -> int:
         base = base_model(self.model)
         cap = self.config.preprocessing.max_input_length
@@ -95,7 +102,7 @@ class TunedModel:
             raise ValueError("label_log_probs needs a category model with a label vocabulary")
         feature = self.config.output_feature
         pad_id = self.tokenizer.pad_token_id
-        batch_size = self.config.trainer.eval_batch_size or self.config.trainer.batch_size
+        batch_size = self.predict_batch_size
         label_ids = encode_labels(self.tokenizer, self.labels) if feature.decoder == "label_scoring" else []
         order = sorted(range(len(prompt_ids)), key=lambda row: len(prompt_ids[row]), reverse=True)
         result = torch.zeros(len(prompt_ids), len(self.labels))

@@ -14,7 +14,6 @@ import pandas as pd
 
 from tunewright.data import encode_prompts, render_prompts
 from tunewright.errors import TunewrightError
-from tunewright.model import CONTEXT_SAFETY_MARGIN
 from tunewright.serving.errors import APIError
 from tunewright.serving.pool import ServedModel
 
@@ -51,14 +50,6 @@ def input_column(served: ServedModel) -> str:
     return columns[0]
 
 
-def max_prompt_tokens(served: ServedModel) -> int:
-    """The longest prompt `tunewright predict` feeds this run unchanged (longer ones it cuts)."""
-    config = served.tuned.config
-    limit = served.context_len - config.generation.max_new_tokens - CONTEXT_SAFETY_MARGIN
-    cap = config.preprocessing.max_input_length
-    return min(limit, cap) if cap else limit
-
-
 def rendered_prompt_ids(served: ServedModel, values: list[str], param: str) -> list[list[int]]:
     """Token ids of each value rendered as the run's input column: exactly what predict feeds the model."""
     config = served.tuned.config
@@ -68,7 +59,7 @@ def rendered_prompt_ids(served: ServedModel, values: list[str], param: str) -> l
         ids = encode_prompts(texts, served.request_tokenizer, config.prompt.use_chat_template)
     except TunewrightError as error:  # e.g. use_chat_template with a tokenizer that has none
         raise APIError(400, f"model: '{served.name}' cannot render prompts: {error}", param="model") from None
-    limit = max_prompt_tokens(served)
+    limit = served.tuned.max_input_len  # what predict feeds the model unchanged (longer ones it cuts)
     for prompt in ids:
         if len(prompt) > limit:
             raise APIError(

@@ -151,7 +151,7 @@ class Server:
                 "send them in several requests",
                 param="rows",
             )
-        deadline, size = self.deadline(), _predict_batch_size(served)
+        deadline, size = self.deadline(), served.tuned.predict_batch_size
         records: list[dict[str, Any]] = []
         for start in range(0, len(body.rows), size):
             queue: asyncio.Queue[Event] = asyncio.Queue()
@@ -161,14 +161,6 @@ class Server:
                 if isinstance(event, Predicted):
                     records.extend(event.records)
         return records
-
-
-def _predict_batch_size(served: ServedModel) -> int:
-    """The batch `tunewright predict` runs for this model (predictor.py / generate.py batch the same way)."""
-    config = served.tuned.config
-    if served.tuned.is_category:
-        return config.trainer.eval_batch_size or config.trainer.batch_size
-    return config.generation.batch_size
 
 
 def new_tokenizer_thread() -> ThreadPoolExecutor:
