@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tunewright-installed
 LOCK := requirements.lock
-EXTRAS := serve,plot,bench,dev
+EXTRAS := serve,plot,tracking,gguf,bench,dev
 # torch: only the CPU build. Any other 2.13.0 resolves to a multi-GB CUDA download (nvidia-* packages).
 TORCH := torch==2.13.0+cpu
 # The default model (a GGUF file) ships in this package; its own dependencies (llm, llama-cpp-python) are unused.
@@ -32,9 +32,22 @@ check_no_cuda = if $(1)/bin/python -m pip list --format=freeze 2>/dev/null | gre
 show_versions = $(1)/bin/python -m pip list --format=freeze 2>/dev/null \
 	| grep -iE '^(torch|transformers|peft|accelerate|trl|kernels)==' | sed 's/^/  $(1): /'
 
-.PHONY: install demo test test-fast test-latest test-lowest lock lint bench clean
+.PHONY: install system-tools llama-cpp demo test test-fast test-latest test-lowest lock lint bench clean
 
-install: $(STAMP)
+install: $(STAMP) system-tools
+
+# Debian packages some tests drive: chromium (the report's browser test, tests/test_report.py) and Go
+# (Ollama's template engine, text/template, for tests/test_gguf_export.py). Installed only where missing
+# and apt-get exists; a failed install never fails the set-up: those tests then fail and say why.
+SYSTEM_TOOLS := /usr/bin/chromium:chromium /usr/bin/go:golang-go
+system-tools:
+	@missing=$$(for tool in $(SYSTEM_TOOLS); do [ -x "$${tool%%:*}" ] || echo "$${tool#*:}"; done); \
+	if [ -n "$$missing" ] && command -v apt-get >/dev/null 2>&1; then \
+	  sudo=$$([ "$$(id -u)" = 0 ] || echo "sudo -n"); \
+	  echo "installing Debian's" $$missing "(used by tests)"; \
+	  { $$sudo apt-get install -y -q $$missing || { $$sudo apt-get update -q && $$sudo apt-get install -y -q $$missing; }; } \
+	    >/dev/null || echo "$$missing could not be installed; the tests that use them will fail" >&2; \
+	fi
 
 # Only what the lock names, hash-checked; then the project itself (setuptools, its build backend, is in the lock).
 $(STAMP): $(LOCK) pyproject.toml Makefile
@@ -43,15 +56,16 @@ $(STAMP): $(LOCK) pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(call install_model,$(VENV))
 	@$(call check_no_cuda,$(VENV))
+	$(BIN)/python -m tunewright.gguf_converter >/dev/null  # llama.cpp's GGUF converter, hash-checked, once
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
-test: $(STAMP)
+test: $(STAMP) system-tools
 	$(BIN)/python -m pytest
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) system-tools
 	$(BIN)/python -m pytest -m "not integration"
 
 # Re-resolve pyproject.toml's ranges to the newest releases (with the lock's pip-tools settings), hashes included.
@@ -98,9 +112,25 @@ test-lowest:
 	@echo "test-lowest resolved:"; $(call show_versions,$(LOWEST_VENV))
 	$(LOWEST_VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
+# llama.cpp itself, for tests/test_gguf_integration.py (integration): llama-cpp-python built from the source release
+# the GGUF converter comes from (about 10 minutes on 2 cores, once per CPU: the build is native), in its own venv.
+LLAMA_VENV := .venv-llamacpp
+LLAMA_CPP_REQUIREMENT = $(shell $(BIN)/python -c 'from tunewright.gguf_converter import LLAMA_CPP_PYTHON as v, SDIST_SHA256 as h; print(f"llama-cpp-python=={v} --hash=sha256:{h}")')
+LLAMA_CMAKE_ARGS := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
+llama-cpp: $(STAMP)
+	test -x $(LLAMA_VENV)/bin/python || $(PYTHON) -m venv $(LLAMA_VENV)
+	$(LLAMA_VENV)/bin/python -m pip install --quiet numpy jinja2 diskcache typing-extensions
+	wheels="$${TUNEWRIGHT_CACHE:-$$HOME/.cache/tunewright}/llama-cpp-wheels/$$(grep -m1 '^flags' /proc/cpuinfo | sha256sum | cut -c1-12)"; \
+	if ! ls "$$wheels"/*.whl >/dev/null 2>&1; then \
+	  echo "building llama.cpp (llama-cpp-python) from source into $$wheels: about 10 minutes"; \
+	  printf '%s\n' '$(LLAMA_CPP_REQUIREMENT)' | CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' CMAKE_BUILD_PARALLEL_LEVEL=2 \
+	    $(LLAMA_VENV)/bin/python -m pip wheel --quiet --no-deps --no-binary :all: --require-hashes -r /dev/stdin -w "$$wheels"; \
+	fi; \
+	$(LLAMA_VENV)/bin/python -m pip install --quiet --no-deps --force-reinstall "$$wheels"/*.whl
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/mypy src/tunewright/config.py src/tunewright/errors.py src/tunewright/metrics.py src/tunewright/prompt.py
 
 clean:
-	rm -rf $(VENV) $(LATEST_VENV) $(LOWEST_VENV) $(TOOLS_VENV) runs
+	rm -rf $(VENV) $(LATEST_VENV) $(LOWEST_VENV) $(TOOLS_VENV) $(LLAMA_VENV) runs

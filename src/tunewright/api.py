@@ -30,9 +30,10 @@ from tunewright.data import (
     split_frame,
     write_table,
 )
-from tunewright.errors import DataError, RunFolderError, TrainingInterrupted, TunewrightError
-from tunewright.evaluate import evaluate_frame, write_confusion_matrix
+from tunewright.errors import ConfigError, DataError, RunFolderError, TrainingInterrupted, TunewrightError
+from tunewright.evaluate import evaluate_frame, write_confusion_matrix, write_evaluated_rows
 from tunewright.export import ExportDtype, export_model, export_run
+from tunewright.gguf_export import ExportFormat, Quantization, export_gguf_format
 from tunewright.heads import (
     classifier_examples,
     label_indices,
@@ -51,7 +52,9 @@ from tunewright.model import (
 from tunewright.model_card import write_model_card
 from tunewright.objective import LanguageModelObjective
 from tunewright.predictor import TunedModel, attach_category, predict_rows
-from tunewright.progress import progress_wanted
+from tunewright.progress import log_phase, progress_wanted
+from tunewright.report import write_report_quietly
+from tunewright.report_data import hardware_summary, predictions_file
 from tunewright.run import (
     append_log,
     check_continuable,
@@ -63,8 +66,10 @@ from tunewright.run import (
     write_json_atomic,
     write_metrics,
 )
+from tunewright.tracking import accelerator_options, finish_tracking, start_tracking
 from tunewright.train import fit, total_optimizer_steps
 from tunewright.trust import remote_code_trusted, with_trust
+from tunewright.validation_metric import generation_scorer
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +142,14 @@ def _load_splits(config: TunewrightConfig, dataset: Dataset, validation: Dataset
     return splits
 
 
-def _training_examples(tuned: TunedModel, frame: pd.DataFrame) -> list[Any]:
+def _training_examples(tuned: TunedModel, frame: pd.DataFrame, split: str) -> list[Any]:
+    started = time.perf_counter()
+    examples = _tokenise(tuned, frame)
+    log_phase(f"tokenised {len(examples):,} {split} rows", started)
+    return examples
+
+
+def _tokenise(tuned: TunedModel, frame: pd.DataFrame) -> list[Any]:
     config = tuned.config
     prompt_ids = encode_prompts(render_prompts(frame, config), tuned.tokenizer, config.prompt.use_chat_template)
     prompt_ids, kept = fit_prompts(prompt_ids, tuned.max_input_len, config.preprocessing.overlong_prompts)
@@ -200,7 +212,8 @@ def train(
     if resume and overwrite:
         raise RunFolderError(f"{run_dir}: pass either --resume or --overwrite, not both")
     fingerprint = run_fingerprint(config, splits.train, splits.validation)
-    accelerator = Accelerator(cpu=resolve_device(config.backend).type == "cpu")
+    accelerator = Accelerator(cpu=resolve_device(config.backend).type == "cpu",
+                              **accelerator_options(config.tracking, run_dir))
     checkpoint = _open_run_folder(run_dir, config, fingerprint, accelerator, resume, overwrite, sources)
     try:
         set_seed(config.trainer.seed)  # adapter initialisation, so a rerun with the same seed is identical
@@ -224,6 +237,7 @@ def train(
         tuned.model.eval()
         metrics = cast(TrainMetrics, {"training": summary,
                                       **_split_metrics(tuned, splits, run_dir, accelerator, show_progress)})
+        finish_tracking(accelerator, dict(metrics), summary.get("steps", 0))
         if accelerator.is_main_process:
             if tuned.labels is not None:
                 save_category_state(run_dir, tuned.labels, tuned.classifier.head if tuned.classifier else None)
@@ -231,13 +245,17 @@ def train(
             write_metrics(run_dir, dict(metrics))
             write_model_card(run_dir, config, dict(metrics), _data_name(dataset), {
                 "train": len(splits.train), "validation": len(splits.validation), "test": len(splits.test)})
-            set_status(run_dir, "complete", finished=time.time(), weights=weights_kind(run_dir))
+            set_status(run_dir, "complete", finished=time.time(), weights=weights_kind(run_dir),
+                       hardware=hardware_summary(accelerator.device))
+            write_report_quietly(run_dir)
         return TrainResult(run_dir=run_dir, model=tuned, metrics=metrics)
     except (TrainingInterrupted, KeyboardInterrupt) as error:
+        finish_tracking(accelerator)
         if accelerator.is_main_process:
             set_status(run_dir, "interrupted", error=str(error) or None)
         raise
     except BaseException as error:
+        finish_tracking(accelerator)
         if accelerator.is_main_process:
             set_status(run_dir, "failed", error=str(error).splitlines()[0] if str(error) else type(error).__name__)
         raise
@@ -281,10 +299,12 @@ def _fine_tune(config: TunewrightConfig, loaded: LoadedModel, splits: Splits, vo
     if vocabulary is not None:
         attach_category(tuned, vocabulary)
     report = count_parameters(tuned.classifier or tuned.model)
+    start_tracking(accelerator, config, run_dir, {"trainable": report.trainable, "total": report.total})
+    started = time.perf_counter()
     result = fit(
         tuned.classifier or LanguageModelObjective(tuned.model),
-        _training_examples(tuned, splits.train),
-        _training_examples(tuned, splits.validation) if len(splits.validation) else [],
+        _training_examples(tuned, splits.train, "training"),
+        _training_examples(tuned, splits.validation, "validation") if len(splits.validation) else [],
         config.trainer,
         accelerator,
         loaded.tokenizer.pad_token_id,
@@ -294,12 +314,16 @@ def _fine_tune(config: TunewrightConfig, loaded: LoadedModel, splits: Splits, vo
         checkpoint_dir=run_dir / CHECKPOINT_DIR,
         fingerprint=fingerprint,
         resume=load_checkpoint(checkpoint) if checkpoint is not None else None,
+        score_generation=generation_scorer(tuned, splits.validation),
     )
+    log_phase(f"trained {result.steps} optimizer steps", started)  # (its time includes tokenising the data)
     tuned.model = accelerator.unwrap_model(tuned.model)
     if accelerator.is_main_process:
         tuned.model.save_pretrained(run_dir, safe_serialization=True)
     summary = {"type": "finetune", "trainable_parameters": report.trainable, "total_parameters": report.total,
-               "steps": result.steps, "best_val_loss": result.best_val_loss, "stopped_early": result.stopped_early}
+               "steps": result.steps, "best_val_loss": result.best_val_loss, "stopped_early": result.stopped_early,
+               "eval_metric": config.trainer.eval_metric, "best_eval_metric": result.best_metric,
+               "best_step": result.best_step}
     return tuned, summary
 
 
@@ -310,7 +334,10 @@ def _split_metrics(tuned: TunedModel, splits: Splits, run_dir: Path, accelerator
     for split_name in ("validation", "test"):
         frame = getattr(splits, split_name)
         if len(frame):
-            metrics[split_name] = evaluate_frame(tuned, frame, show_progress, split_name).metrics
+            evaluation = evaluate_frame(tuned, frame, show_progress, split_name)
+            metrics[split_name] = evaluation.metrics
+            if accelerator.is_main_process:
+                write_evaluated_rows(tuned, evaluation, run_dir / predictions_file(split_name))
             if "confusion_matrix" in metrics[split_name] and accelerator.is_main_process:
                 write_confusion_matrix(metrics[split_name], run_dir / f"confusion_matrix_{split_name}.png")
     return metrics
@@ -366,8 +393,10 @@ def evaluate(model: TunedModel | str | Path, dataset: Dataset, output: str | Pat
 
 def export(model: TunedModel | str | Path, output_dir: str | Path, merge: bool = False,
            dtype: ExportDtype | None = None, overwrite: bool = False,
-           trust_remote_code: bool | None = None) -> Path:
-    """Export a loaded model or a run folder: a plain Hugging Face model folder, or the adapter alone.
+           trust_remote_code: bool | None = None, format: ExportFormat = "hf",
+           quantization: Quantization | None = None) -> Path:
+    """Export a loaded model or a run folder: a plain Hugging Face model folder, or the adapter alone;
+    or, with `format` "gguf" / "ollama", one GGUF file for llama.cpp (and an Ollama Modelfile).
 
     Args:
         model: a `TunedModel` (`load`, `from_config`, `train(...).model`) or a run folder. Merging
@@ -378,11 +407,18 @@ def export(model: TunedModel | str | Path, output_dir: str | Path, merge: bool =
         overwrite: replace an existing export folder.
         trust_remote_code: a run folder only: let the model's own code run (None:
             TUNEWRIGHT_TRUST_REMOTE_CODE). A loaded model was trusted, or not, when it was loaded.
+        format: "hf" (a Hugging Face folder), "gguf" or "ollama" (always merged; returns the .gguf path).
+        quantization: the GGUF tensor type, "f32", "f16" (the default), "bf16" or "q8_0".
 
     Raises:
         ConfigError: the run cannot be exported as asked (prompt-learning merge, classifier head).
         RunFolderError: the run folder is incomplete, or the output folder exists and `overwrite` is false.
     """
+    if format != "hf":
+        return export_gguf_format(model, output_dir, format, quantization, dtype, overwrite, trust_remote_code)
+    if quantization is not None:
+        raise ConfigError("export --quantization: applies to --format gguf or ollama; use --dtype for a "
+                          "Hugging Face folder")
     if isinstance(model, TunedModel):
         return export_model(model, output_dir, merge, dtype, overwrite)
     return export_run(model, output_dir, merge, dtype, overwrite, trust_remote_code)

@@ -57,6 +57,9 @@ class TrainerState:
     step: int = 0
     micro_batch_size: int | None = None  # smaller than trainer.batch_size after an out-of-memory halving
     best_val_loss: float | None = None
+    eval_metric: str | None = None  # trainer.eval_metric that best_metric is in (None: an older checkpoint, loss)
+    best_metric: float | None = None
+    best_step: int | None = None
     evals_without_improvement: int = 0
     stopped_early: bool = False
     skipped_steps: list[int] = field(default_factory=list)

@@ -216,6 +216,8 @@ def train(
         if split_name in result.metrics:
             print_metrics(f"{split_name} metrics", result.metrics[split_name])
     console.print(f"run folder: {result.run_dir}", highlight=False, soft_wrap=True)
+    if not state["quiet"] and (result.run_dir / "report.html").is_file():
+        console.print(f"report: {result.run_dir / 'report.html'}", highlight=False, soft_wrap=True)
 
 
 def _model_for(api: ModuleType, model: Path | None, config: Path | None, trust_remote_code: bool) -> Any:
@@ -281,9 +283,19 @@ def export(
     dtype: Annotated[Literal["float32", "bfloat16", "float16"] | None, typer.Option(help="Cast the weights.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing export folder.")] = False,
     trust_remote_code: TrustOption = False,
+    # The same choices as tunewright.gguf_export.ExportFormat / Quantization.
+    format: Annotated[Literal["hf", "gguf", "ollama"], typer.Option(
+        "--format", help="hf: a Hugging Face folder; gguf: one .gguf file for llama.cpp; ollama: the .gguf "
+        "and a Modelfile."
+    )] = "hf",
+    quantization: Annotated[Literal["f32", "f16", "bf16", "q8_0"] | None, typer.Option(
+        help="GGUF tensor type (--format gguf/ollama; default f16)."
+    )] = None,
 ) -> None:
-    """Export a run: a plain Hugging Face model folder (--merge, or full fine-tunes) or the adapter alone."""
-    folder = _api(ctx).export(model, output, merge, dtype, overwrite, trust_remote_code or None)
+    """Export a run: a Hugging Face model folder (--merge, or full fine-tunes), the adapter alone, or GGUF."""
+    if merge and format != "hf":
+        raise typer.BadParameter("a GGUF export is always merged; drop --merge", param_hint="--merge")
+    folder = _api(ctx).export(model, output, merge, dtype, overwrite, trust_remote_code or None, format, quantization)
     console.print(f"exported to {folder}", highlight=False, soft_wrap=True)
 
 
@@ -301,6 +313,33 @@ def seal(run: Annotated[Path, typer.Argument(help="Complete run folder.")]) -> N
         for name in names:
             typer.echo(f"{kind}: {name}")
     console.print(f"sealed {run}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def report(run: Annotated[Path, typer.Argument(help="Complete run folder.")]) -> None:
+    """Write the run folder's report.html again: curves, metrics, predictions, config and hardware."""
+    from tunewright.report import write_report
+
+    console.print(f"wrote {write_report(run)}", highlight=False, soft_wrap=True)
+
+
+def _html_file(value: Path) -> Path:
+    if value.suffix.lower() not in (".html", ".htm"):
+        raise typer.BadParameter(f"{value}: the comparison is a web page; use a .html file name")
+    return value
+
+
+@app.command()
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="Two or more complete run folders.")],
+    output: Annotated[Path, typer.Option("--output", "-o", callback=_html_file, help="The page to write (.html).")],
+) -> None:
+    """Write one page comparing runs: configs diffed, metrics side by side, curves overlaid."""
+    if len(runs) < 2:
+        raise typer.BadParameter("pass two or more run folders to compare", param_hint="RUNS")
+    from tunewright.compare import compare_runs
+
+    console.print(f"wrote {compare_runs(runs, output)}", highlight=False, soft_wrap=True)
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:
@@ -375,6 +414,9 @@ def serve(
     # then re-raises the signal; this handler turns that last step into a clean exit (status 0).
     signal.signal(signal.SIGTERM, _exit_cleanly)
     log_level = "warning" if state["quiet"] else "info"
+    phases = logging.getLogger("tunewright.phases")  # a request's work is not a phase worth a line
+    ctx.call_on_close(lambda level=phases.level: phases.setLevel(level))
+    phases.setLevel(logging.WARNING)
     uvicorn.Server(uvicorn_config(create_app(models, settings), settings, log_level)).run()
 
 

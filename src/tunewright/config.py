@@ -216,6 +216,25 @@ SCHEDULE_KWARGS: dict[str, tuple[str, ...]] = {
 }
 
 
+# trainer.eval_metric: whether each metric is better `max` or `min`, and the output types that report it.
+# `loss` and `token_accuracy` come from the teacher-forced pass over every validation row; the others
+# generate (or score labels) on the first trainer.eval_max_rows validation rows.
+EVAL_METRICS: dict[str, tuple[Literal["max", "min"], tuple[str, ...]]] = {
+    "loss": ("min", ("text", "category")),
+    "token_accuracy": ("max", ("text",)),
+    "exact_match": ("max", ("text",)),
+    "bleu": ("max", ("text",)),
+    "rouge_l": ("max", ("text",)),
+    "char_error_rate": ("min", ("text",)),
+    "generated_token_accuracy": ("max", ("text",)),
+    "accuracy": ("max", ("category",)),
+    "macro_f1": ("max", ("category",)),
+}
+TEACHER_FORCED_METRICS = ("loss", "token_accuracy")
+EvalMetric = Literal["loss", "token_accuracy", "exact_match", "bleu", "rouge_l", "char_error_rate",
+                     "generated_token_accuracy", "accuracy", "macro_f1"]
+
+
 class TrainerConfig(Section):
     type: Literal["finetune", "none"] = Field(
         "finetune", description="`finetune` trains; `none` is zero-shot (nothing is trained or saved)."
@@ -247,10 +266,20 @@ class TrainerConfig(Section):
     )
     regularization_lambda: float = Field(0.01, ge=0, description="Weight of the regularization penalty.")
     eval_every: int | None = Field(
-        None, ge=1, description="Evaluate the validation loss every N optimizer steps (default: each epoch)."
+        None, ge=1, description="Validate every N optimizer steps (default: each epoch)."
+    )
+    eval_metric: EvalMetric = Field(
+        "loss", description="The validation metric that early stopping and the kept best weights follow: "
+        "`loss` or `token_accuracy` (every validation row, teacher forced); for text outputs `exact_match`, "
+        "`bleu`, `rouge_l`, `char_error_rate` or `generated_token_accuracy`, and for category outputs "
+        "`accuracy` or `macro_f1` (generated or label-scored on the first eval_max_rows validation rows)."
+    )
+    eval_max_rows: int = Field(
+        200, ge=1, description="With a generated eval_metric: the first N validation rows are generated at each "
+        "validation (the validation loss still covers every row)."
     )
     early_stopping_patience: int | None = Field(
-        None, ge=1, description="Stop after this many evaluations without a better validation loss."
+        None, ge=1, description="Stop after this many validations without a better eval_metric."
     )
     seed: int = Field(42, description="Seed for weights, shuffling and dropout.")
     log_every: int = Field(1, ge=1, description="Write a training-log line every N optimizer steps.")
@@ -363,6 +392,43 @@ class BackendConfig(Section):
     )
 
 
+class MlflowTracking(Section):
+    tracking_uri: str | None = Field(
+        None, description="Where MLflow records the run; by default a SQLite store in the run folder "
+        "(sqlite:///RUN/mlflow/mlflow.db, artifacts in RUN/mlflow/artifacts)."
+    )
+    experiment: str = Field("tunewright", min_length=1, description="The MLflow experiment (created if missing).")
+
+
+class ProjectTracking(Section):
+    project: str = Field("tunewright", min_length=1, description="The project the run is logged under.")
+
+
+class TrackingConfig(Section):
+    """Experiment trackers, started through Accelerate's trackers (see tracking.py)."""
+
+    tensorboard: bool = Field(False, description="Write TensorBoard event files into RUN/tensorboard/.")
+    mlflow: MlflowTracking | None = Field(None, description="Log the run to MLflow (the `tracking` extra).")
+    wandb: ProjectTracking | None = Field(None, description="Log the run to Weights & Biases (needs `wandb`).")
+    trackio: ProjectTracking | None = Field(None, description="Log the run to Trackio (needs `trackio`).")
+
+    @model_validator(mode="after")
+    def _one_project_name(self) -> TrackingConfig:
+        # Accelerate starts every tracker under one project name (init_trackers' project_name).
+        names = {name for name in (self.mlflow and self.mlflow.experiment, self.wandb and self.wandb.project,
+                                   self.trackio and self.trackio.project) if name}
+        if len(names) > 1:
+            raise ValueError(f"mlflow.experiment, wandb.project and trackio.project must be the same name (got "
+                             f"{', '.join(sorted(names))}): the trackers share one project name")
+        return self
+
+    @property
+    def project(self) -> str:
+        """The name every tracker is started under (MLflow experiment, W&B/Trackio project)."""
+        named = self.mlflow.experiment if self.mlflow else (self.wandb or self.trackio or ProjectTracking()).project
+        return named
+
+
 class ServeSettings(Section):
     """Settings of `tunewright serve` (CLI options, not part of a model's YAML config)."""
 
@@ -412,6 +478,7 @@ class TunewrightConfig(Section):
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     preprocessing: PreprocessingConfig = Field(default_factory=PreprocessingConfig)
     backend: BackendConfig = Field(default_factory=BackendConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Experiment trackers.")
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> TunewrightConfig:
@@ -443,6 +510,11 @@ def _structure_problems(config: TunewrightConfig) -> list[tuple[Location, str]]:
         problems.append((("quantization",), "4/8-bit loading needs CUDA but backend.device is 'cpu'; remove one"))
     if len(set(config.input_columns)) != len(config.input_columns):
         problems.append((("input_features",), "feature names must be distinct"))
+    output_type = config.output_features[0].type
+    if output_type not in EVAL_METRICS[config.trainer.eval_metric][1]:
+        fitting = [name for name, (_, types) in EVAL_METRICS.items() if output_type in types]
+        problems.append((("trainer", "eval_metric"), f"'{config.trainer.eval_metric}' is not reported for "
+                         f"{output_type} outputs; choose one of {', '.join(fitting)}"))
     return problems
 
 
@@ -494,6 +566,8 @@ def _ignored_settings(config: TunewrightConfig) -> list[tuple[Location, str]]:
           "takes effect only with trainer.on_nonfinite: skip_batch; set it, or remove this key")
     check(("trainer",), trainer, ("group_by_length",), not trainer.packing,
           "takes effect only without packing; set trainer.packing: false, or remove this key")
+    check(("trainer",), trainer, ("eval_max_rows",), trainer.eval_metric not in TEACHER_FORCED_METRICS,
+          "takes effect only with a generated trainer.eval_metric (not loss or token_accuracy); remove it")
     check(("preprocessing",), preprocessing, ("split",), preprocessing.split_column is None,
           "is not used when preprocessing.split_column assigns the splits; remove one of them")
     return problems

@@ -72,14 +72,20 @@ def section_table(path: str, model: type[BaseModel]) -> list[str]:
     return [*lines, ""]
 
 
-def config_reference() -> str:
-    """docs/config.md: the top-level keys, then one table per section, then the server's settings."""
-    parts = [HEADER, *section_table("(top level)", TunewrightConfig)]
-    for name, field in TunewrightConfig.model_fields.items():
+def nested_tables(prefix: str, model: type[BaseModel]) -> list[str]:
+    """One table per section under `model` (and per section under those: `tracking.mlflow`)."""
+    parts: list[str] = []
+    for name, field in model.model_fields.items():
         section = section_of(field.annotation)
         if section is not None:
-            label = f"{name}[]" if typing.get_origin(field.annotation) is list else name
-            parts += section_table(label, section)
+            label = prefix + (f"{name}[]" if typing.get_origin(field.annotation) is list else name)
+            parts += [*section_table(label, section), *nested_tables(f"{label}.", section)]
+    return parts
+
+
+def config_reference() -> str:
+    """docs/config.md: the top-level keys, then one table per section, then the server's settings."""
+    parts = [HEADER, *section_table("(top level)", TunewrightConfig), *nested_tables("", TunewrightConfig)]
     parts += [
         "## `tunewright serve` options",
         "",

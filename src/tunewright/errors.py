@@ -43,6 +43,12 @@ class TrainingError(TunewrightError):
     exit_code = 6
 
 
+class ExportError(TunewrightError):
+    """An export tool failed: llama.cpp's converter could not be fetched, or it refused the model."""
+
+    exit_code = 8
+
+
 class TrainingInterrupted(TrainingError):
     """SIGTERM or Ctrl-C stopped training after a checkpoint was saved; the exit code is 128 + the signal."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,12 +11,13 @@ from typing import Any
 
 import pandas as pd
 
-from tunewright.data import build_examples, check_columns, drop_missing_targets
+from tunewright.data import build_examples, check_columns, drop_missing_targets, write_table
 from tunewright.generate import generate_ids
 from tunewright.heads import label_texts
 from tunewright.metrics import category_metrics, generated_token_accuracy, label_cross_entropy, text_metrics
 from tunewright.objective import LanguageModelObjective, evaluate_loss
 from tunewright.predictor import PREDICTION_COLUMN, PROBABILITY_COLUMN, TunedModel
+from tunewright.progress import log_phase
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,9 @@ def evaluate_text(tuned: TunedModel, frame: pd.DataFrame, batch_size: int,
     prompt_ids = tuned.encode_frame(frame)
     examples = build_examples(prompt_ids, targets, tuned.tokenizer)
     pad_id = tuned.tokenizer.pad_token_id
+    started = time.perf_counter()
     metrics = evaluate_loss(LanguageModelObjective(tuned.model), examples, batch_size, pad_id)
+    log_phase(f"loss over {len(examples):,} rows", started)
     generated = generate_ids(tuned.model, tuned.tokenizer, prompt_ids, tuned.config.generation, show_progress)
     texts = [text.strip() for text in tuned.tokenizer.batch_decode(generated, skip_special_tokens=True)]
     target_ids = tuned.tokenizer(targets, add_special_tokens=False)["input_ids"]
@@ -74,6 +78,14 @@ def evaluate_category(tuned: TunedModel, frame: pd.DataFrame, source: str = "dat
     loss = label_cross_entropy(log_probs.tolist(), [index.get(label) for label in targets])
     metrics = {"loss": loss, **metrics, "unseen_label_rows": sum(unseen.values())}
     return Evaluation(metrics=metrics, predictions=predictions)
+
+
+def write_evaluated_rows(tuned: TunedModel, evaluation: Evaluation, path: Path) -> None:
+    """The rows' inputs, target and prediction (and its probability), for the report and for reading."""
+    config = tuned.config
+    wanted = [*config.input_columns, config.output_feature.name, PREDICTION_COLUMN, PROBABILITY_COLUMN]
+    frame = evaluation.predictions
+    write_table(frame[[column for column in dict.fromkeys(wanted) if column in frame.columns]], path)
 
 
 def write_confusion_matrix(metrics: dict[str, Any], path: Path, title: str = "confusion matrix") -> bool:
@@ -111,6 +123,7 @@ def write_confusion_matrix(metrics: dict[str, Any], path: Path, title: str = "co
 def evaluate_frame(tuned: TunedModel, frame: pd.DataFrame, show_progress: bool = False,
                    source: str = "dataset") -> Evaluation:
     """Evaluate on labelled rows with the metrics that fit the output feature's type."""
+    started = time.perf_counter()
     frame = prepare_labelled(tuned, frame, source)
     batch_size = tuned.config.trainer.eval_batch_size or tuned.config.trainer.batch_size
     if tuned.is_category:
@@ -118,4 +131,5 @@ def evaluate_frame(tuned: TunedModel, frame: pd.DataFrame, show_progress: bool =
     else:
         evaluation = evaluate_text(tuned, frame, batch_size, show_progress)
     evaluation.metrics["rows"] = len(frame)  # a count: an int in the JSON too
+    log_phase(f"evaluated {len(frame):,} rows of {source}", started)
     return evaluation

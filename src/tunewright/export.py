@@ -83,21 +83,27 @@ def check_output_dir(output_dir: Path, overwrite: bool, source: Path | None = No
     Raises:
         RunFolderError: naming the folder and, for --overwrite, what it would delete.
     """
+    check_output_dir_kind(output_dir, overwrite, "export folder", EXPORT_CONFIG_FILE, source)
+
+
+def check_output_dir_kind(output_dir: Path, overwrite: bool, kind: str, marker: str,
+                          source: Path | None = None) -> None:
+    """`check_output_dir` for an export `kind` recognised by its `marker` file (a name or glob)."""
     if source is not None:
         check_outside_sources(output_dir, [("the run being exported", source)])
     if not output_dir.exists() or (output_dir.is_dir() and not entry_names(output_dir)):
         return
     if not overwrite and output_dir.is_dir():
-        raise RunFolderError(f"{output_dir}: the export folder exists and is not empty; pass --overwrite")
-    check_replaceable(output_dir, "export folder", EXPORT_CONFIG_FILE)
+        raise RunFolderError(f"{output_dir}: the {kind} exists and is not empty; pass --overwrite")
+    check_replaceable(output_dir, kind, marker)
 
 
-def _staging_dir(output_dir: Path) -> Path:
+def staging_dir(output_dir: Path) -> Path:
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.exporting-", dir=output_dir.parent))
 
 
-def _replace_output(staging: Path, output_dir: Path) -> None:
+def replace_output(staging: Path, output_dir: Path) -> None:
     """Move the finished export into place; an old export there (checked replaceable) is removed first."""
     if output_dir.is_dir():
         remove_entries(output_dir)
@@ -133,7 +139,7 @@ def export_model(
     target = output_dir.resolve()  # a symlinked output folder is replaced where it points
     check_exportable(tuned.config, merge)
     check_output_dir(output_dir, overwrite)
-    staging = _staging_dir(target)
+    staging = staging_dir(target)
     try:
         model: Any = merged_model(tuned) if merge or not is_adapter_model(tuned.model) else tuned.model
         if dtype is not None:
@@ -151,12 +157,12 @@ def export_model(
         tuned.tokenizer.save_pretrained(staging)  # tokenizer files and chat_template.jinja
         save_config(tuned.config, staging / EXPORT_CONFIG_FILE)
         check_output_dir(output_dir, overwrite)  # again: the folder may have changed while the model was saved
-        _replace_output(staging, target)
+        replace_output(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     kind = "adapter" if is_adapter_model(model) else "model"
-    log.info("exported the %s to %s", kind, output_dir)
+    log.debug("exported the %s to %s", kind, output_dir)
     return output_dir
 
 

@@ -16,6 +16,7 @@ compare every token with `generate` on F.linear.
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -37,7 +38,7 @@ from tunewright.config import GenerationSettings
 from tunewright.data import collate_prompts
 from tunewright.kernels.attention import packed_attention, packed_row_capacity, varlen_kwargs
 from tunewright.kernels.prepacked import inference_kernels
-from tunewright.progress import work_progress
+from tunewright.progress import log_phase, work_progress
 
 
 def to_generation_config(settings: GenerationSettings, tokenizer: PreTrainedTokenizerBase,
@@ -221,6 +222,7 @@ def generate_ids(
     order = sorted(range(len(prompt_ids)), key=lambda row: len(prompt_ids[row]), reverse=True)
     results: list[list[int]] = [[] for _ in prompt_ids]
     device = next(model.parameters()).device
+    started = time.perf_counter()
     # On CPU the linear layers run on weights packed once (kernels/prepacked.py): decode steps are small
     # matmuls; entered here too so that every batch reuses the packed weights.
     with inference_kernels(model), work_progress(len(prompt_ids), "generating", show_progress) as progress:
@@ -232,6 +234,8 @@ def generate_ids(
             for row, tokens in zip(rows, new_tokens or [], strict=True):
                 results[row] = trim_at_stop(tokens, stop_ids)
             progress.update(advance=len(rows))
+    new_tokens = sum(len(tokens) for tokens in results)
+    log_phase(f"generated {len(results):,} completions ({new_tokens:,} new tokens)", started)
     return results
 
 

@@ -59,6 +59,7 @@ class LanguageModelObjective(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.train(model.training)  # a wrapper of an eval model is in eval mode (evaluate_loss restores it)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,

@@ -2,8 +2,9 @@
 what tunewright wrote.
 
 A folder counts as tunewright's by its marker file (`run.json` for a run, `tunewright_config.yaml`
-for an export). Replacing it is refused while it holds anything tunewright does not write (the
-refusal lists those entries), so a user's config, data or notes are never deleted. An output that
+for an export, a `.gguf` file for a GGUF export). Replacing it is refused while it holds anything
+tunewright does not write (the refusal lists those entries), so a user's config, data or notes are
+never deleted. An output that
 is, contains or lies inside a source it reads (the run being exported, the dataset) is refused
 before anything is written; paths are compared after resolving symlinks.
 """
@@ -21,12 +22,14 @@ from tunewright.errors import RunFolderError
 # transformers / peft / tokenizers `save_pretrained` write (weights, configs, tokenizer files, the card).
 WRITTEN_NAMES = (
     "run.json", "config.yaml", "metrics.json", "training_log.jsonl", "confusion_matrix_*.png", "checkpoints",
+    "predictions_*.jsonl", "report.html", "tensorboard", "mlflow",
     "labels.json", "tunewright_config.yaml",
     "*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json", "adapter_config.json",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.*",
     "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
-    "README.md",
-    ".run.json.*", ".metrics.json.*", ".training_log.jsonl.*",  # an atomic write's temporary file, left by a crash
+    "README.md", "*.gguf", "Modelfile",
+    # an atomic write's temporary file, left by a crash
+    ".run.json.*", ".metrics.json.*", ".training_log.jsonl.*", ".report.html.*", ".predictions_*",
 )
 LISTED_ENTRIES = 5  # entries named in a message; the rest are counted
 
@@ -77,7 +80,8 @@ def check_outside_sources(output: Path, sources: Iterable[tuple[str, Path]]) -> 
 
 
 def check_replaceable(folder: Path, kind: str, marker: str) -> None:
-    """Raise unless `folder` is a tunewright `kind` folder holding only what tunewright writes.
+    """Raise unless `folder` is a tunewright `kind` folder holding only what tunewright writes; `marker`
+    is a name or a glob pattern (`*.gguf`).
 
     Raises:
         RunFolderError: not a folder, no marker (listing what it holds), or foreign entries (listed).
@@ -85,7 +89,7 @@ def check_replaceable(folder: Path, kind: str, marker: str) -> None:
     if not folder.is_dir():
         raise RunFolderError(f"{folder}: exists and is not a folder; choose a folder path")
     names = entry_names(folder)
-    if marker not in names:
+    if not any(fnmatch.fnmatchcase(name, marker) for name in names):
         raise RunFolderError(
             f"{folder}: not a tunewright {kind} (no {marker}); --overwrite replaces only a {kind}, and this "
             f"folder holds {describe_entries(names)}; choose a new or empty folder"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from tunewright.heads import (
 )
 from tunewright.kernels.prepacked import inference_kernels
 from tunewright.model import base_model, max_input_length
-from tunewright.progress import work_progress
+from tunewright.progress import log_phase, work_progress
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +86,11 @@ class TunedModel:
 
     def label_log_probs(self, prompt_ids: Sequence[list[int]], show_progress: bool = False) -> torch.Tensor:
         """(N, L) log-probabilities of each label (contextually calibrated when the output feature asks)."""
+        started = time.perf_counter()
         log_probs = self.uncalibrated_label_log_probs(prompt_ids, show_progress)
         if self.config.output_feature.calibration == "content_free" and self.classifier is None:
             log_probs = calibrate(log_probs, self.content_free_log_prior())
+        log_phase(f"scored {log_probs.shape[1]} labels for {log_probs.shape[0]:,} rows", started)
         return log_probs
 
     def content_free_log_prior(self) -> torch.Tensor:

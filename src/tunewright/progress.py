@@ -4,6 +4,7 @@ the libraries' own bars, logs and warnings."""
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +16,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 # Warnings these libraries raise from their own code are hidden by --quiet; tunewright's own still show.
 LIBRARY_MODULES = r"(transformers|peft|accelerate|torch|huggingface_hub|safetensors|tokenizers)(\.|$)"
 LIBRARY_LOGGERS = ("transformers", "peft", "accelerate", "torch", "huggingface_hub")
+# Phase lines have their own logger, so the server (whose requests are not phases) can turn them off.
+phase_log = logging.getLogger("tunewright.phases")
+
+
+def log_phase(done: str, started: float) -> None:
+    """One line when a phase of long work ends, with its time: an info log, on stderr; --quiet hides it."""
+    phase_log.info("%s in %.1f s", done, time.perf_counter() - started)
 
 
 def progress_console() -> Console:

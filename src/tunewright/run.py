@@ -57,7 +57,8 @@ FULL_WEIGHTS_FILE = "model.safetensors"
 CHECKSUMS_KEY = "files_sha256"
 # Written into the run folder but never read when loading it: outside the checksums. checkpoints/
 # is read only by `train --resume`, which refuses a complete run (and checks each checkpoint itself).
-UNSEALED_NAMES = (STATUS_FILE, METRICS_FILE, TRAINING_LOG_FILE, "confusion_matrix_*.png")
+UNSEALED_NAMES = (STATUS_FILE, METRICS_FILE, TRAINING_LOG_FILE, "confusion_matrix_*.png", "predictions_*.jsonl",
+                  "report.html")
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -239,9 +240,10 @@ def weights_kind(run_dir: Path) -> WeightsKind:
 def sealed_files(run_dir: Path) -> list[str]:
     """Every file under the run folder that loading may read, as sorted relative POSIX paths.
 
-    That is everything but run.json, metrics.json, training_log.jsonl, the confusion matrices and
-    checkpoints/: transformers reads files named inside other files (an `auto_map` names Python
-    modules), so no list of names tunewright expects would be complete.
+    That is everything but run.json, metrics.json, training_log.jsonl, the confusion matrices,
+    predictions_*.jsonl, report.html, checkpoints/ and the trackers' tensorboard/ and mlflow/:
+    transformers reads files named inside other files (an `auto_map` names Python modules), so no
+    list of names tunewright expects would be complete.
 
     Raises:
         RunFolderError: a symlinked folder or something that is not a regular file, which cannot be checked.
@@ -255,8 +257,8 @@ def sealed_files(run_dir: Path) -> list[str]:
                 raise RunFolderError(
                     f"{here / name}: a symlinked folder in a run folder cannot be checked; replace it with a copy"
                 )
-        if top:
-            subfolders[:] = [name for name in subfolders if name != CHECKPOINT_DIR]
+        if top:  # checkpoints, and the trackers' files (tracking.TRACKING_FOLDERS), which MLflow's UI may update
+            subfolders[:] = [name for name in subfolders if name not in (CHECKPOINT_DIR, "tensorboard", "mlflow")]
         subfolders.sort()
         for name in files:
             if top and any(fnmatch.fnmatchcase(name, pattern) for pattern in UNSEALED_NAMES):

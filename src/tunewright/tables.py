@@ -8,12 +8,14 @@ import csv
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Protocol, TypeAlias
 
 import pandas as pd
 
 from tunewright.errors import DataError
+from tunewright.progress import log_phase
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +246,10 @@ def as_frame(dataset: Dataset, name: str = "dataset") -> tuple[pd.DataFrame, str
         DataError: the object is none of these, or has no rows.
     """
     if isinstance(dataset, (str, Path)):
-        return read_table(dataset), str(dataset)
+        started = time.perf_counter()
+        frame = read_table(dataset)
+        log_phase(f"read {len(frame):,} rows from {dataset}", started)
+        return frame, str(dataset)
     if isinstance(dataset, pd.DataFrame):
         frame = dataset
     elif isinstance(dataset, list):

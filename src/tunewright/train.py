@@ -29,9 +29,11 @@ from tunewright.data import IGNORE_INDEX, Example
 from tunewright.errors import RunFolderError, TrainingError
 from tunewright.faults import StopNow, StopRequest, interruption, is_out_of_memory, skip_nonfinite_step, step_is_finite
 from tunewright.kernels.training import training_kernels
-from tunewright.objective import LossOutput, evaluate_loss
+from tunewright.objective import LossOutput
 from tunewright.packing import collate_micro_batch, group_by_length, supports_packing
 from tunewright.progress import NullProgress, TrainingProgress
+from tunewright.selection import GenerationScorer, adopt_selection_state, check_scorer, trainable_state, validate
+from tunewright.tracking import log_record, peak_memory_mib
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +43,13 @@ LogFn = Callable[[dict[str, Any]], None]
 @dataclass
 class FitResult:
     steps: int
-    best_val_loss: float | None
+    best_val_loss: float | None  # the lowest validation loss seen
     stopped_early: bool
     history: list[dict[str, Any]] = field(default_factory=list)
     skipped_steps: list[int] = field(default_factory=list)  # non-finite steps skipped (on_nonfinite: skip_batch)
     checkpoint: Path | None = None  # the newest checkpoint written or resumed from
+    best_metric: float | None = None  # the best trainer.eval_metric seen: the kept weights are that step's
+    best_step: int | None = None
 
 
 def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
@@ -194,17 +198,6 @@ def window_with_retry(ctx: StepContext, step: int, window: Sequence[list[int]], 
         log.warning("%s: retrying with micro-batches of %d (same effective batch)", where, micro_size)
 
 
-def track_validation(state: TrainerState, val_loss: float, objective: nn.Module, accelerator: Accelerator,
-                     best_weights: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
-    """Early-stopping bookkeeping; returns the best weights so far."""
-    if state.best_val_loss is None or val_loss < state.best_val_loss:
-        state.best_val_loss = val_loss
-        state.evals_without_improvement = 0
-        return trainable_state(accelerator.unwrap_model(objective))
-    state.evals_without_improvement += 1
-    return best_weights
-
-
 def save_training_checkpoint(directory: Path, state: TrainerState, ctx: StepContext, scheduler: Any,
                              best_weights: dict[str, torch.Tensor] | None) -> Path:
     """Checkpoint at an optimizer-step boundary (main process writes; all wait for it)."""
@@ -261,20 +254,30 @@ def start_session(objective: nn.Module, optimizer: Any, cfg: TrainerConfig, tota
     if resume is None:
         state = TrainerState(fingerprint=fingerprint or {})
         state.micro_batch_size = cfg.batch_size
+        adopt_selection_state(state, cfg, None)
         return Session(state, scheduler, None, None, checkpoint_dir)
+    adopt_selection_state(resume.state, cfg, resume.path)
     restore_checkpoint(objective, optimizer, scheduler, resume)
     resume.state.micro_batch_size = resume.state.micro_batch_size or cfg.batch_size
     log.info("Resuming from %s (optimizer step %d of %d)", resume.path, resume.state.step, total_steps)
     return Session(resume.state, scheduler, resume.best_weights, resume.path, checkpoint_dir)
 
 
+def gradient_norm(ctx: StepContext, max_norm: float | None) -> float:
+    """The gradients' total norm before clipping; clipped to `max_norm` when one is set."""
+    if max_norm is not None:
+        return float(ctx.accelerator.clip_grad_norm_(ctx.parameters, max_norm))
+    gradients = [parameter.grad for parameter in ctx.parameters if parameter.grad is not None]
+    return float(torch.nn.utils.get_total_norm(gradients)) if gradients else 0.0
+
+
 def finish_step(ctx: StepContext, session: Session, step: int, epoch: int, step_loss: float,
                 after_optimizer_step: Callable[[int, int], None] | None, total_steps: int) -> dict[str, Any]:
     """Apply (or skip, if non-finite) the accumulated gradients; returns the step's log record."""
     state, cfg = session.state, ctx.cfg
+    grad_norm = None
     if step_is_finite(step_loss, ctx.parameters, ctx.accelerator):
-        if cfg.max_grad_norm is not None:
-            ctx.accelerator.clip_grad_norm_(ctx.parameters, cfg.max_grad_norm)
+        grad_norm = gradient_norm(ctx, cfg.max_grad_norm)
         ctx.optimizer.step()
         if after_optimizer_step is not None:
             after_optimizer_step(step + 1, total_steps)
@@ -289,27 +292,15 @@ def finish_step(ctx: StepContext, session: Session, step: int, epoch: int, step_
         "step": state.step, "epoch": epoch, "loss": None if skipped else step_loss,
         "learning_rate": session.scheduler.get_last_lr()[0],
         "tokens_per_s": session.tokens_seen * ctx.accelerator.num_processes / elapsed,
+        "peak_memory_mib": peak_memory_mib(ctx.accelerator.device),
     }
+    if grad_norm is not None:
+        record["grad_norm"] = grad_norm
     if skipped:
         record["skipped"] = True
     if state.micro_batch_size != cfg.batch_size:
         record["micro_batch_size"] = state.micro_batch_size
     return record
-
-
-def validate(ctx: StepContext, session: Session, record: dict[str, Any], val_examples: Sequence[Example]) -> None:
-    """Validation loss into `record`, early-stopping bookkeeping, and the best weights so far."""
-    with ctx.autocast:  # the training precision: frozen weights may be bf16 here
-        metrics = evaluate_loss(ctx.objective, val_examples, ctx.cfg.eval_batch_size or ctx.cfg.batch_size,
-                                ctx.pad_id, ctx.accelerator)
-    record["val_loss"] = metrics["loss"]
-    session.best_weights = track_validation(session.state, metrics["loss"], ctx.objective, ctx.accelerator,
-                                            session.best_weights)
-    state = session.state
-    if ctx.cfg.early_stopping_patience and state.evals_without_improvement >= ctx.cfg.early_stopping_patience:
-        log.info("Early stopping at step %d: no better validation loss in %d evaluations",
-                 state.step, state.evals_without_improvement)
-        state.stopped_early = True
 
 
 def fit(
@@ -325,11 +316,14 @@ def fit(
     checkpoint_dir: Path | None = None,
     fingerprint: dict[str, str] | None = None,
     resume: Checkpoint | None = None,
+    score_generation: GenerationScorer | None = None,
 ) -> FitResult:
-    """Train the trainable parameters of `objective` and keep the best validation weights.
+    """Train the trainable parameters of `objective` and keep the best weights by trainer.eval_metric.
 
     `after_optimizer_step(steps_done, total_steps)`, if given, runs after each optimizer step and
     before the gradients are cleared (AdaLoRA re-allocates its ranks there; see adapters.py).
+    `score_generation()`, needed for a generated trainer.eval_metric, returns the generated metrics
+    of the validation rows with the weights of the moment (validation_metric.py); see selection.py.
 
     The loss of every optimizer step is the sum over its target tokens divided by the number of
     target tokens in the whole accumulation window (on every process), so accumulation and
@@ -348,6 +342,7 @@ def fit(
     parameters = trainable_parameters(objective)
     if not parameters:
         raise TrainingError("nothing to train: no parameter requires a gradient (check the adapter config)")
+    check_scorer(cfg, bool(val_examples), score_generation)
     optimizer = torch.optim.AdamW(parameters, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     world_size = accelerator.num_processes
     total_steps = total_optimizer_steps(len(train_examples), cfg, world_size)
@@ -387,12 +382,13 @@ def fit(
             session.tokens_seen += tokens
             record = finish_step(ctx, session, step, epoch, step_loss, after_optimizer_step, total_steps)
             if val_examples and (state.step % eval_every == 0 or state.step == total_steps):
-                validate(ctx, session, record, val_examples)
+                validate(ctx, session, record, val_examples, score_generation)
             progress.update(None if record.get("skipped") else record)
             if state.step % cfg.log_every == 0 or "val_loss" in record:
                 state.history.append(record)
                 if on_log is not None:
                     on_log(record)
+                log_record(accelerator, record)
             if cfg.checkpoint_steps and state.step % cfg.checkpoint_steps == 0:
                 session.save(ctx)
         if stop.requested(accelerator):
@@ -401,10 +397,6 @@ def fit(
         accelerator.unwrap_model(objective).load_state_dict(session.best_weights, strict=False)
     objective.eval()
     return FitResult(steps=state.step, best_val_loss=state.best_val_loss, stopped_early=state.stopped_early,
-                     history=state.history, skipped_steps=state.skipped_steps, checkpoint=session.checkpoint)
+                     history=state.history, skipped_steps=state.skipped_steps, checkpoint=session.checkpoint,
+                     best_metric=state.best_metric, best_step=state.best_step)
 
-
-def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """A CPU copy of the trainable weights (what early stopping restores)."""
-    names = {name for name, parameter in module.named_parameters() if parameter.requires_grad}
-    return {name: tensor.detach().to("cpu", copy=True) for name, tensor in module.state_dict().items() if name in names}
