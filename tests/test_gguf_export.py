@@ -90,6 +90,17 @@ def test_gguf_round_trip_matches_the_merged_model(smol_run: Path, tmp_path: Path
         assert gguf_tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip() == expected.strip(), word
 
 
+@pytest.mark.parametrize("adapter", [{"type": "full"}, {"type": "loha", "r": 4, "alpha": 8}, {"type": "ia3"}],
+                         ids=["full", "loha", "ia3"])
+def test_every_mergeable_run_exports(smol_base: Path, tmp_path: Path, adapter: dict) -> None:
+    run = train_tiny_run(smol_base, tmp_path / "run", {"max_steps": 1, "learning_rate": 0.05}, adapter=adapter)
+    gguf = tunewright.export(run, tmp_path / "gguf", format="gguf", quantization="f32")
+    merged = AutoModelForCausalLM.from_pretrained(export_cli(run, tmp_path / "merged", "--merge")).eval()
+    from_gguf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name).eval()
+    ids = AutoTokenizer.from_pretrained(run)("say cat:")["input_ids"]
+    assert (logits(from_gguf, ids) - logits(merged, ids)).abs().max().item() < LOGIT_ATOL["f32"]
+
+
 def go_render(template: str, messages: list[dict[str, str]]) -> str:
     go = shutil.which("go")
     assert go is not None, "Go is needed to run Ollama's template engine: `make install` installs golang-go"
