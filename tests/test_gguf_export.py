@@ -43,11 +43,21 @@ def smol_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+def train_smol_run(base: Path, folder: Path, use_chat_template: bool) -> Path:
+    prompt = {"template": "say {word}:", "task": "Repeat the word.", "use_chat_template": use_chat_template}
+    return train_tiny_run(base, folder, {"max_steps": 2, "learning_rate": 0.05}, prompt=prompt)
+
+
 @pytest.fixture(scope="module", params=[False, True], ids=["raw-prompt", "chat-template"])
 def smol_run(request: pytest.FixtureRequest, smol_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    prompt = {"template": "say {word}:", "task": "Repeat the word.", "use_chat_template": request.param}
-    folder = tmp_path_factory.mktemp("smol-run") / "run"
-    return train_tiny_run(smol_base, folder, {"max_steps": 2, "learning_rate": 0.05}, prompt=prompt)
+    """Both prompt renderings: the exported chat template differs between them."""
+    return train_smol_run(smol_base, tmp_path_factory.mktemp("smol-run") / "run", request.param)
+
+
+@pytest.fixture(scope="module")
+def raw_run(smol_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One run, for what does not depend on the prompt rendering."""
+    return train_smol_run(smol_base, tmp_path_factory.mktemp("raw-run") / "run", False)
 
 
 def export_cli(run: Path, output: Path, *flags: str) -> Path:
@@ -168,31 +178,31 @@ def test_classifier_head_run_is_refused(smol_base: Path, tmp_path: Path) -> None
     (["--quantization", "q8_0"], 7, "--format gguf or ollama"),
     (["--format", "gguf", "--quantization", "q4_0"], 2, "q4_0"),
 ])
-def test_flags_that_do_not_apply_are_refused(smol_run: Path, tmp_path: Path, flags: list[str], code: int,
+def test_flags_that_do_not_apply_are_refused(raw_run: Path, tmp_path: Path, flags: list[str], code: int,
                                              text: str) -> None:
-    result = runner.invoke(app, ["export", "--model", str(smol_run), "--output", str(tmp_path / "o"), *flags])
+    result = runner.invoke(app, ["export", "--model", str(raw_run), "--output", str(tmp_path / "o"), *flags])
     assert result.exit_code == code, result.output
     assert text in result.output and not (tmp_path / "o").exists()
 
 
-def test_output_folder_rules(smol_run: Path, tmp_path: Path) -> None:
+def test_output_folder_rules(raw_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    refused = runner.invoke(app, ["export", "-m", str(smol_run), "-o", str(out), "--format", "gguf"])
+    refused = runner.invoke(app, ["export", "-m", str(raw_run), "-o", str(out), "--format", "gguf"])
     assert refused.exit_code == 5 and "not empty" in refused.output
-    refused = runner.invoke(app, ["export", "-m", str(smol_run), "-o", str(out), "--format", "gguf", "--overwrite"])
+    refused = runner.invoke(app, ["export", "-m", str(raw_run), "-o", str(out), "--format", "gguf", "--overwrite"])
     assert refused.exit_code == 5 and "no *.gguf" in refused.output and (out / "notes.txt").exists()
     (out / "notes.txt").unlink()
-    export_cli(smol_run, out, "--format", "gguf", "--quantization", "f32")
+    export_cli(raw_run, out, "--format", "gguf", "--quantization", "f32")
     # --overwrite replaces an earlier GGUF export (a different tensor type: still one file afterwards).
-    export_cli(smol_run, out, "--format", "gguf", "--quantization", "f16", "--overwrite")
+    export_cli(raw_run, out, "--format", "gguf", "--quantization", "f16", "--overwrite")
     assert [path.name for path in out.iterdir()] == ["out-f16.gguf"]
-    inside = runner.invoke(app, ["export", "-m", str(smol_run), "-o", str(smol_run / "g"), "--format", "gguf"])
+    inside = runner.invoke(app, ["export", "-m", str(raw_run), "-o", str(raw_run / "g"), "--format", "gguf"])
     assert inside.exit_code == 5 and "inside the run being exported" in inside.output
 
 
-def test_converter_failures_are_one_line(smol_run: Path, tiny_model_dir: Path, tmp_path: Path,
+def test_converter_failures_are_one_line(raw_run: Path, tiny_model_dir: Path, tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     # The tests' byte-level tokenizer is not one llama.cpp knows: the converter refuses it.
     run = train_tiny_run(tiny_model_dir, tmp_path / "bytes", {"max_steps": 1})
@@ -201,16 +211,16 @@ def test_converter_failures_are_one_line(smol_run: Path, tiny_model_dir: Path, t
     assert "llama.cpp's converter failed on this model" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "g").exists() and not list(tmp_path.glob(".g.exporting-*"))
     monkeypatch.setenv("TUNEWRIGHT_LLAMA_CPP", str(tmp_path))
-    result = runner.invoke(app, ["export", "-m", str(smol_run), "-o", str(tmp_path / "h"), "--format", "gguf"])
+    result = runner.invoke(app, ["export", "-m", str(raw_run), "-o", str(tmp_path / "h"), "--format", "gguf"])
     assert result.exit_code == 8 and "TUNEWRIGHT_LLAMA_CPP" in result.output
 
 
-def test_a_converter_that_cannot_be_fetched_is_one_line(smol_run: Path, tmp_path: Path,
+def test_a_converter_that_cannot_be_fetched_is_one_line(raw_run: Path, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TUNEWRIGHT_CACHE", str(tmp_path / "cache"))  # no converter cached yet
     monkeypatch.setenv("PIP_NO_INDEX", "1")  # as offline: no registry, nothing among the local wheels
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
-    result = runner.invoke(app, ["export", "-m", str(smol_run), "-o", str(tmp_path / "g"), "--format", "gguf"])
+    result = runner.invoke(app, ["export", "-m", str(raw_run), "-o", str(tmp_path / "g"), "--format", "gguf"])
     assert result.exit_code == 8, result.output
     assert "could not fetch llama.cpp's converter" in result.output
     assert "python -m tunewright.gguf_converter" in result.output
