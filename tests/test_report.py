@@ -232,3 +232,13 @@ def test_the_report_renders_in_headless_chromium(category_run: Path, text_run: P
     with Image.open(screenshot) as image:
         assert image.size == (1280, 2000) and len(image.convert("L").getcolors(65536) or []) > 50
     shutil.copyfile(screenshot, SCREENSHOT_COPY)  # to look at: tests keep it in tmp_path too
+
+
+def test_the_overview_names_the_kept_step_when_a_metric_chose_it(tmp_path: Path) -> None:
+    training = {"type": "finetune", "steps": 60, "eval_metric": "exact_match", "best_eval_metric": 0.32,
+                "best_step": 40}
+    run = report_module.RunRecord(tmp_path, "", {}, {}, {"training": training})
+    page = report_module.overview(run)
+    assert "kept: best exact_match" in page and ">40<" in page.replace(" ", "")
+    training["eval_metric"] = "loss"
+    assert "kept step" not in report_module.overview(run)

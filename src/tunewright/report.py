@@ -179,6 +179,10 @@ def overview(run: RunRecord) -> str:
     ]
     if isinstance(training.get("best_val_loss"), int | float):
         items.append(("best validation loss", training["best_val_loss"]))
+    # The kept weights: chosen by trainer.eval_metric at this step.
+    if training.get("eval_metric") not in (None, "loss") and isinstance(training.get("best_eval_metric"), int | float):
+        items.append((f"kept: best {training['eval_metric']}", training["best_eval_metric"]))
+        items.append(("kept step", training.get("best_step")))
     for split, values in scalar_metrics(run.metrics).items():
         for name in ("accuracy", "macro_f1", "exact_match", "rouge_l"):
             if name in values:
