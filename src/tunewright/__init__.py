@@ -8,6 +8,7 @@ The public API has the same verbs as the CLI::
     predictions = tunewright.predict(model, "new.csv")
     metrics = tunewright.evaluate(model, "test.csv")
     tunewright.export(model, "exported", merge=True)
+    search = tunewright.tune("config.yaml", "data.csv", "search", trials=20)
 
 Names are imported on first use (PEP 562), so `import tunewright` and the CLI's --help do not
 load torch or transformers.
@@ -28,6 +29,7 @@ _PUBLIC = {
     "predict": "tunewright.api",
     "evaluate": "tunewright.api",
     "export": "tunewright.api",
+    "tune": "tunewright.tune",
     "TrainResult": "tunewright.api",
     "EvaluationMetrics": "tunewright.api",
     "TunedModel": "tunewright.predictor",
@@ -37,7 +39,7 @@ _PUBLIC = {
 
 __all__ = [
     "EvaluationMetrics", "TrainResult", "TunedModel", "TunewrightError", "__version__", "evaluate", "export",
-    "from_config", "load", "load_config", "predict", "train",
+    "from_config", "load", "load_config", "predict", "train", "tune",
 ]
 
 if TYPE_CHECKING:
@@ -45,6 +47,7 @@ if TYPE_CHECKING:
     from tunewright.config import load_config
     from tunewright.errors import TunewrightError
     from tunewright.predictor import TunedModel
+    from tunewright.tune import tune
 
 
 def __getattr__(name: str) -> Any:

@@ -67,7 +67,7 @@ from tunewright.run import (
     write_metrics,
 )
 from tunewright.tracking import accelerator_options, finish_tracking, start_tracking
-from tunewright.train import fit, total_optimizer_steps
+from tunewright.train import LogFn, fit, total_optimizer_steps
 from tunewright.trust import remote_code_trusted, with_trust
 from tunewright.validation_metric import generation_scorer
 
@@ -180,6 +180,7 @@ def train(
     from_run: str | Path | None = None,
     resume: bool = False,
     trust_remote_code: bool | None = None,
+    on_validation: LogFn | None = None,
 ) -> TrainResult:
     """Fine-tune (or, with trainer.type none, set up zero-shot) and write a complete run folder.
 
@@ -198,6 +199,10 @@ def train(
     The run folder is marked complete only after every file is written.
 
     `show_progress`, as in every verb: None shows bars (on stderr) when stderr is a terminal.
+
+    `on_validation(record)`, if given, gets the log record of each evaluation during training
+    (`step`, `val_loss`, `val_<metric>`, ...); an exception it raises stops the run, marked failed
+    (`tunewright tune` prunes trials this way).
     """
     show_progress = progress_wanted(show_progress)
     # Not the config: it is read before anything is deleted (retraining with a run's own config.yaml works).
@@ -232,7 +237,7 @@ def train(
             log.info("trainer.type is none: nothing is trained and no weights are saved")
         else:
             tuned, summary = _fine_tune(config, loaded, splits, vocabulary, previous_run, accelerator, run_dir,
-                                        fingerprint, checkpoint, show_progress)
+                                        fingerprint, checkpoint, show_progress, on_validation)
         summary["seconds"] = time.perf_counter() - started
         tuned.model.eval()
         metrics = cast(TrainMetrics, {"training": summary,
@@ -289,7 +294,8 @@ def _open_run_folder(run_dir: Path, config: TunewrightConfig, fingerprint: dict[
 
 def _fine_tune(config: TunewrightConfig, loaded: LoadedModel, splits: Splits, vocabulary: list[str] | None,
                previous_run: Path | None, accelerator: Accelerator, run_dir: Path, fingerprint: dict[str, str],
-               checkpoint: Path | None, show_progress: bool) -> tuple[TunedModel, dict[str, Any]]:
+               checkpoint: Path | None, show_progress: bool, on_validation: LogFn | None = None
+               ) -> tuple[TunedModel, dict[str, Any]]:
     """Wrap the model for training, run fit(), and save the trained weights into the run folder."""
     planned_steps = total_optimizer_steps(len(splits.train), config.trainer, accelerator.num_processes)
     trainable = trainable_model(loaded.model, config, planned_steps, previous_run)
@@ -301,6 +307,13 @@ def _fine_tune(config: TunewrightConfig, loaded: LoadedModel, splits: Splits, vo
     report = count_parameters(tuned.classifier or tuned.model)
     start_tracking(accelerator, config, run_dir, {"trainable": report.trainable, "total": report.total})
     started = time.perf_counter()
+
+    def on_log(record: dict[str, Any]) -> None:
+        if accelerator.is_main_process:
+            append_log(run_dir, record)
+        if on_validation is not None and "val_loss" in record:
+            on_validation(record)
+
     result = fit(
         tuned.classifier or LanguageModelObjective(tuned.model),
         _training_examples(tuned, splits.train, "training"),
@@ -308,7 +321,7 @@ def _fine_tune(config: TunewrightConfig, loaded: LoadedModel, splits: Splits, vo
         config.trainer,
         accelerator,
         loaded.tokenizer.pad_token_id,
-        on_log=lambda record: append_log(run_dir, record) if accelerator.is_main_process else None,
+        on_log=on_log,
         show_progress=show_progress,
         after_optimizer_step=optimizer_step_hook(tuned.model),
         checkpoint_dir=run_dir / CHECKPOINT_DIR,

@@ -220,6 +220,35 @@ def train(
         console.print(f"report: {result.run_dir / 'report.html'}", highlight=False, soft_wrap=True)
 
 
+@app.command()
+def tune(
+    ctx: typer.Context,
+    config: ConfigOption,
+    dataset: DatasetOption,
+    trials: Annotated[int, typer.Option(min=1, help="Finished trials wanted in all (a resumed search counts its "
+                                        "earlier ones).")],
+    output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Search folder (resumed if it exists).")],
+    validation: Annotated[Path | None, typer.Option(help="Separate validation file.")] = None,
+    time_budget: Annotated[float | None, typer.Option(
+        "--time-budget", min=0, help="Start no new trial after this many seconds.")] = None,
+) -> None:
+    """Search the config's tune: section with Optuna; print the best config's path."""
+    _api(ctx)  # --quiet applies to the trials' libraries too
+    from tunewright.tune import tune as search
+
+    result = search(config, dataset, output_dir, trials, validation, time_budget, show_progress=_show_progress())
+    if not state["quiet"]:
+        table = Table(title=f"trials (best: {result.best_value:.4f})")
+        for column in ("trial", "state", "value", "params"):
+            table.add_column(column)
+        for trial in result.study.trials:
+            value = "" if trial.value is None else f"{trial.value:.4f}"
+            params = ", ".join(f"{name}={param}" for name, param in trial.params.items())
+            table.add_row(str(trial.number), trial.state.name.lower(), value, params)
+        console.print(table)
+    typer.echo(str(result.best_config))
+
+
 def _model_for(api: ModuleType, model: Path | None, config: Path | None, trust_remote_code: bool) -> Any:
     trust = trust_remote_code or None  # not passed: TUNEWRIGHT_TRUST_REMOTE_CODE decides
     if model is not None:

@@ -9,7 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from tunewright.config_messages import SETTING_ERROR, describe
+from tunewright.config_messages import SETTING_ERROR, describe, section_class, unknown_key_hint
 from tunewright.config_yaml import read_yaml
 from tunewright.errors import ConfigError
 from tunewright.prompt import default_template, template_fields
@@ -465,6 +465,52 @@ class ServeSettings(Section):
         return key
 
 
+TuneValue = bool | int | float | str | list[str] | None  # what a categorical choice may be (a setting's value)
+
+
+class TuneRange(Section):
+    """One searched setting: a number range (`low`, `high`, `log`) or a list of `choices`."""
+
+    low: int | float | None = Field(None, description="Smallest value tried (integers when low and high are both "
+                                    "integers).")
+    high: int | float | None = Field(None, description="Largest value tried.")
+    log: bool = Field(False, description="Sample on a log scale (learning rates); low must be above 0.")
+    choices: list[TuneValue] | None = Field(None, min_length=1, description="The values tried, instead of a range.")
+
+    @model_validator(mode="after")
+    def _range_or_choices(self) -> TuneRange:
+        if (self.choices is None) == (self.low is None and self.high is None):
+            raise ValueError("give either low and high (a range) or choices (a list), not both or neither")
+        if self.choices is not None:
+            if self.log:
+                raise ValueError("log applies to a low/high range only; remove it")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("a range needs both low and high")
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low above 0 (got {self.low})")
+        return self
+
+    @property
+    def is_integer(self) -> bool:
+        return isinstance(self.low, int) and isinstance(self.high, int)
+
+
+class TuneConfig(Section):
+    """`tunewright tune`: the settings it searches; `tunewright train` ignores this section."""
+
+    space: dict[str, TuneRange] = Field(
+        min_length=1, description="Dotted key path of a setting (`trainer.learning_rate`, `adapter.r`) -> its "
+        "range `{low, high, log}` or `{choices: [...]}`."
+    )
+    metric: EvalMetric | None = Field(
+        None, description="The validation metric optimised and pruned on (default: trainer.eval_metric); "
+        "maximised or minimised as trainer.eval_metric documents."
+    )
+
+
 class TunewrightConfig(Section):
     base_model: str = Field(
         DEFAULT_BASE_MODEL, description="Local HF folder, Hub id, .gguf file or the alias 'smollm2-135m'."
@@ -479,10 +525,14 @@ class TunewrightConfig(Section):
     preprocessing: PreprocessingConfig = Field(default_factory=PreprocessingConfig)
     backend: BackendConfig = Field(default_factory=BackendConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Experiment trackers.")
+    tune: TuneConfig | None = Field(
+        None, description="Hyperparameter search space for `tunewright tune` (ignored by `tunewright train`)."
+    )
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> TunewrightConfig:
-        refuse("TunewrightConfig", [*_structure_problems(self), *_template_problems(self), *_ignored_settings(self)])
+        refuse("TunewrightConfig", [*_structure_problems(self), *_template_problems(self), *_ignored_settings(self),
+                                    *_tune_problems(self)])
         return self
 
     @property
@@ -516,6 +566,40 @@ def _structure_problems(config: TunewrightConfig) -> list[tuple[Location, str]]:
         problems.append((("trainer", "eval_metric"), f"'{config.trainer.eval_metric}' is not reported for "
                          f"{output_type} outputs; choose one of {', '.join(fitting)}"))
     return problems
+
+
+def tune_metric(config: TunewrightConfig) -> EvalMetric:
+    """The metric `tunewright tune` optimises: tune.metric, else trainer.eval_metric."""
+    return (config.tune.metric if config.tune else None) or config.trainer.eval_metric
+
+
+def _tune_problems(config: TunewrightConfig) -> list[tuple[Location, str]]:
+    if config.tune is None:
+        return []
+    problems: list[tuple[Location, str]] = [(("tune", "space", path), problem) for path in config.tune.space
+                                            if (problem := tune_path_problem(path)) is not None]
+    output_type = config.output_feature.type
+    metric = tune_metric(config)
+    if output_type not in EVAL_METRICS[metric][1]:
+        problems.append((("tune", "metric"), f"'{metric}' is not reported for {output_type} outputs"))
+    return problems
+
+
+def tune_path_problem(path: str) -> str | None:
+    """Why a dotted key path does not name one setting of the schema (None: it does)."""
+    owner: type[BaseModel] | None = TunewrightConfig
+    parts = path.split(".")
+    for depth, part in enumerate(parts):
+        if owner is None:
+            return f"'{'.'.join(parts[:depth])}' is a setting, not a section"
+        if part not in owner.model_fields:
+            return f"unknown key path{unknown_key_hint(part, owner, TunewrightConfig)}"
+        owner = section_class(owner.model_fields[part].annotation)
+    if owner is not None:
+        return "names a section; search a setting inside it (e.g. trainer.learning_rate)"
+    if parts[0] in ("tune", "input_features", "output_features"):
+        return f"the {parts[0]} section cannot be searched"
+    return None
 
 
 def _template_problems(config: TunewrightConfig) -> list[tuple[Location, str]]:
