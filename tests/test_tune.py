@@ -37,6 +37,8 @@ def test_search_writes_best_config_table_and_plot_and_the_best_config_trains(
     folder = tmp_path / "search"
     assert len(finished(result.study)) == 3
     assert (folder / "search.png").stat().st_size > 1000
+    page = (folder / "report.html").read_text()
+    assert page.count("<svg") == 1 and "Best trial" in page and "trainer.learning_rate" in page
     rows = list(csv.DictReader((folder / "trials.csv").read_text().splitlines()))
     assert [row["number"] for row in rows] == ["0", "1", "2"]
     assert {"state", "trainer.learning_rate", "adapter.r", "value", "seconds"} <= set(rows[0])

@@ -90,7 +90,7 @@ def tune(config: str | Path | dict[str, Any] | TunewrightConfig, dataset: Datase
     if remaining > 0:
         study.optimize(objective, n_trials=remaining, timeout=time_budget)
     write_trials_csv(study, folder / "trials.csv")
-    write_search_plot(study, metric, folder / "search.png")
+    write_search_report(study, metric, write_search_plot(study, metric, folder / "search.png"), folder)
     if not any(trial.state == optuna.trial.TrialState.COMPLETE for trial in study.trials):
         raise TrainingError(f"{folder}: no trial completed (all pruned or failed); raise --trials or widen tune.space")
     best = study.best_trial
@@ -213,11 +213,13 @@ def write_trials_csv(study: optuna.Study, path: Path) -> None:
                              trial.value, seconds])
 
 
-def write_search_plot(study: optuna.Study, metric: str, path: Path) -> None:
-    """The metric of every completed trial, with the best so far as a line."""
+def write_search_plot(study: optuna.Study, metric: str, path: Path) -> str:
+    """The metric of every completed trial, with the best so far as a line: a PNG, and the SVG returned."""
     import matplotlib
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
+
+    from tunewright.report_plots import svg_text
 
     done = [trial for trial in study.trials if trial.state == optuna.trial.TrialState.COMPLETE]
     numbers, values = [trial.number for trial in done], [float(trial.value or 0.0) for trial in done]
@@ -233,3 +235,24 @@ def write_search_plot(study: optuna.Study, metric: str, path: Path) -> None:
         axes.set_ylabel(f"validation {metric}")
         axes.legend()
         figure.savefig(path, dpi=100)
+        return svg_text(figure)
+
+
+def write_search_report(study: optuna.Study, metric: str, plot_svg: str, folder: Path) -> None:
+    """report.html for the search: the plot, every trial, and the best values (the run report's page style)."""
+    from tunewright.report import figures, page, pairs, table
+
+    names = sorted({name for trial in study.trials for name in trial.params})
+    rows = [[trial.number, trial.state.name.lower(), *(trial.params.get(name, "") for name in names),
+             "" if trial.value is None else trial.value] for trial in study.trials]
+    sections = [
+        ("search", "Search", figures([(f"Validation {metric} of each trial, and the best so far.", plot_svg)])),
+        ("trials", "Trials", table(["trial", "state", *names, metric], rows, numeric=[0, len(names) + 2])),
+    ]
+    completed = [trial for trial in study.trials if trial.state == optuna.trial.TrialState.COMPLETE]
+    if completed:
+        best = study.best_trial
+        sections.append(("best", "Best trial", pairs([("trial", best.number), (metric, best.value),
+                                                      *best.params.items()])))
+    text = page(f"tunewright search: {folder.name}", f"{len(study.trials)} trials, by validation {metric}", sections)
+    (folder / "report.html").write_text(text, encoding="utf-8")
