@@ -1,0 +1,135 @@
+"""Normalise one dataset row into a list of chat messages `{"role", "content"[, "tool_calls"]}`.
+
+Formats: an OpenAI `messages` column, ShareGPT `conversations` (`from`/`value`), raw transcripts with speaker
+markers (hh-rlhf style), and Alpaca-style columns (handled by data.py as today).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from tunewright.errors import DataError
+
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "bot": "assistant",
+    "system": "system",
+    "tool": "tool",
+    "function": "tool",
+    "observation": "tool",
+}
+HH_RLHF_SPEAKERS = {"\n\nHuman: ": "user", "\n\nAssistant: ": "assistant"}
+
+
+def detect_format(columns, first_row: dict) -> str:
+    """Pick the format from the column names; the first rule that matches wins.
+
+    1. a `messages` column -> "messages"; 2. a `conversations` column -> "sharegpt";
+    3. a text cell holding a default speaker marker -> "transcript"; 4. otherwise "columns" (Alpaca-style).
+    """
+    columns = list(columns)
+    if "messages" in columns:
+        return "messages"
+    if "conversations" in columns:
+        return "sharegpt"
+    for column in columns:
+        cell = first_row.get(column)
+        if isinstance(cell, str) and any(marker.strip() in cell for marker in HH_RLHF_SPEAKERS):
+            return "transcript"
+    return "columns"
+
+
+def _cell_as_list(cell, row_index: int, column: str) -> list:
+    if isinstance(cell, str):
+        try:
+            cell = json.loads(cell)
+        except json.JSONDecodeError:
+            raise DataError(f"row {row_index}, column '{column}': not valid JSON; store a list of messages") from None
+    if not isinstance(cell, list) or not cell:
+        raise DataError(f"row {row_index}, column '{column}': empty or not a list; give at least one message")
+    return cell
+
+
+def _check(messages: list, row_index: int, column: str, require_assistant_last: bool) -> list:
+    if not messages:
+        raise DataError(f"row {row_index}, column '{column}': empty conversation; give at least one message")
+    if require_assistant_last and messages[-1]["role"] != "assistant":
+        raise DataError(
+            f"row {row_index}, column '{column}': conversation ends with a '{messages[-1]['role']}' turn; "
+            "end it with an assistant turn or drop the row"
+        )
+    return messages
+
+
+def from_messages(cell, row_index: int = 0, column: str = "messages", require_assistant_last: bool = True) -> list:
+    """OpenAI-style list of {role, content[, tool_calls]}; a JSON string cell is parsed."""
+    messages = []
+    for turn in _cell_as_list(cell, row_index, column):
+        role = turn.get("role") if isinstance(turn, dict) else None
+        if role not in ROLES:
+            raise DataError(f"row {row_index}, column '{column}': unknown role {role!r}; use one of {', '.join(ROLES)}")
+        message = {"role": role, "content": turn.get("content") or ""}
+        if turn.get("tool_calls"):
+            message["tool_calls"] = turn["tool_calls"]
+        messages.append(message)
+    return _check(messages, row_index, column, require_assistant_last)
+
+
+def from_sharegpt(cell, row_index: int = 0, column: str = "conversations", require_assistant_last: bool = True) -> list:
+    """ShareGPT list of {from, value}; speaker names are mapped to OpenAI roles."""
+    messages = []
+    for turn in _cell_as_list(cell, row_index, column):
+        speaker = str(turn.get("from", "")).lower() if isinstance(turn, dict) else ""
+        if speaker not in SHAREGPT_ROLES:
+            raise DataError(
+                f"row {row_index}, column '{column}': unknown speaker {speaker!r}; "
+                f"use one of {', '.join(SHAREGPT_ROLES)}"
+            )
+        messages.append({"role": SHAREGPT_ROLES[speaker], "content": turn.get("value") or ""})
+    return _check(messages, row_index, column, require_assistant_last)
+
+
+def from_transcript(
+    text: str,
+    row_index: int = 0,
+    column: str = "text",
+    speakers: dict | None = None,
+    require_assistant_last: bool = True,
+) -> list:
+    """Split a raw transcript on speaker markers (default: hh-rlhf's `\\n\\nHuman: ` / `\\n\\nAssistant: `)."""
+    speakers = speakers or HH_RLHF_SPEAKERS
+    for role in speakers.values():
+        if role not in ROLES:
+            raise DataError(f"speaker mapping: unknown role {role!r}; use one of {', '.join(ROLES)}")
+    # hh-rlhf sometimes writes "Assistant:" with no space before an empty answer, so match markers loosely at the end
+    pattern = "|".join(re.escape(marker.rstrip()) + r"(?: |$)" for marker in speakers)
+    by_marker = {marker.rstrip(): role for marker, role in speakers.items()}
+    found = list(re.finditer(pattern, text or ""))
+    if not found:
+        raise DataError(
+            f"row {row_index}, column '{column}': no speaker markers ({', '.join(map(repr, speakers))}) found; "
+            "set the speaker mapping to this dataset's markers"
+        )
+    messages = []
+    for match, following in zip(found, found[1:] + [None], strict=True):
+        end = following.start() if following else len(text)
+        role = by_marker[match.group(0).rstrip()]
+        messages.append({"role": role, "content": text[match.end() : end].strip()})
+    return _check(messages, row_index, column, require_assistant_last)
+
+
+def strip_reasoning(messages: list) -> list:
+    """Drop `<think>…</think>` blocks from every assistant turn except the last (reasoning: strip)."""
+    last_assistant = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+    stripped = []
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant" and i != last_assistant:
+            content = re.sub(r"<think>.*?</think>\s*", "", message["content"], flags=re.DOTALL)
+            message = {**message, "content": content}
+        stripped.append(message)
+    return stripped
