@@ -7,24 +7,35 @@ to tokens with the fast tokenizer's offset mapping, because BPE may merge tokens
 
 from __future__ import annotations
 
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
 from tunewright.conversations import strip_reasoning
 from tunewright.errors import ConfigError
 
 TRAIN_ON = ("all_assistant", "last_assistant", "everything")
 
 
-def _render(tokenizer, messages, chat_template, add_generation_prompt=False) -> str:
+Messages = list[dict[str, Any]]
+Span = tuple[int, int]
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: Messages, chat_template: str | None,
+            add_generation_prompt: bool = False) -> str:
     if not messages:
         return ""
-    return tokenizer.apply_chat_template(
+    return str(tokenizer.apply_chat_template(
         messages, chat_template=chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+    ))
 
 
-def assistant_spans(tokenizer, messages, chat_template=None, train_eos=True, template_name="tokenizer's") -> tuple:
+def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: Messages, chat_template: str | None = None,
+                    train_eos: bool = True, template_name: str = "tokenizer's") -> tuple[str, list[Span]]:
     """Return (full text, [(start, end) char span of each assistant turn's trained text])."""
     full = _render(tokenizer, messages, chat_template)
-    spans, previous = [], ""
+    spans: list[Span] = []
+    previous = ""
     for i, message in enumerate(messages):
         current = _render(tokenizer, messages[: i + 1], chat_template)
         if not current.startswith(previous) or not full.startswith(current):
@@ -38,7 +49,8 @@ def assistant_spans(tokenizer, messages, chat_template=None, train_eos=True, tem
     return full, spans
 
 
-def _turn_span(tokenizer, history, message, previous, current, chat_template, train_eos) -> tuple:
+def _turn_span(tokenizer: PreTrainedTokenizerBase, history: Messages, message: dict[str, Any], previous: str,
+               current: str, chat_template: str | None, train_eos: bool) -> Span:
     # the generation prompt (e.g. "<|im_start|>assistant\n") is what inference supplies, so it never trains
     prompt = _render(tokenizer, history, chat_template, add_generation_prompt=True) if history else previous
     start = len(prompt) if current.startswith(prompt) else len(previous)
@@ -55,14 +67,14 @@ def _turn_span(tokenizer, history, message, previous, current, chat_template, tr
 
 
 def build_chat_example(
-    tokenizer,
-    messages,
-    chat_template=None,
-    train_on="all_assistant",
-    train_eos=True,
-    reasoning="keep",
-    template_name="tokenizer's",
-) -> dict:
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Messages,
+    chat_template: str | None = None,
+    train_on: str = "all_assistant",
+    train_eos: bool = True,
+    reasoning: str = "keep",
+    template_name: str = "tokenizer's",
+) -> dict[str, list[Any]]:
     """Tokenise one conversation: {"input_ids": [...], "train": [bool per token]}."""
     if train_on not in TRAIN_ON:
         raise ConfigError(f"train_on: {train_on!r} is not one of {', '.join(TRAIN_ON)}")
