@@ -64,7 +64,7 @@ def usage_notes(config: TunewrightConfig, labels: list[str] | None = None) -> li
 
 def sampling_metadata(settings: GenerationSettings) -> dict[str, Any]:
     """The run's generation settings as GGUF `general.sampling.*` defaults (llama.cpp reads them)."""
-    values: dict[str, Any] = {}
+    values: dict[str, Any]
     if settings.do_sample:
         values = {"general.sampling.temp": settings.temperature, "general.sampling.top_k": settings.top_k,
                   "general.sampling.top_p": settings.top_p}

@@ -94,11 +94,12 @@ def tune(config: str | Path | dict[str, Any] | TunewrightConfig, dataset: Datase
     if not any(trial.state == optuna.trial.TrialState.COMPLETE for trial in study.trials):
         raise TrainingError(f"{folder}: no trial completed (all pruned or failed); raise --trials or widen tune.space")
     best = study.best_trial
-    best_config = trial_config_for(raw, space, decoded_params(best.params, space))
+    best_values = decoded_params(best.params, space)
+    best_config = trial_config_for(raw, space, best_values)
     best_path = folder / "best_config.yaml"
     resolved = {key: value for key, value in config_to_dict(best_config).items() if key != "tune"}
     best_path.write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
-    return TuneResult(best_path, float(best.value), decoded_params(best.params, space), study)  # type: ignore[arg-type]
+    return TuneResult(best_path, float(best.value), best_values, study)  # type: ignore[arg-type]
 
 
 def open_study(folder: Path, direction: str, seed: int) -> optuna.Study:
