@@ -133,7 +133,9 @@ llama-cpp: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench examples
-	$(BIN)/mypy src/tunewright/config.py src/tunewright/errors.py src/tunewright/metrics.py src/tunewright/prompt.py
+	$(BIN)/mypy src/tunewright/config.py src/tunewright/config_data.py src/tunewright/config_training.py \
+	  src/tunewright/config_runtime.py src/tunewright/config_section.py src/tunewright/errors.py src/tunewright/metrics.py \
+	  src/tunewright/prompt.py
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) $(LOWEST_VENV) $(TOOLS_VENV) $(LLAMA_VENV) runs

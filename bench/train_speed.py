@@ -32,6 +32,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +44,9 @@ from matmul_limit import measure  # noqa: E402
 from report import save_json  # noqa: E402
 
 ALPACA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca" / "alpaca_data_first200.json"
-ROWS, MAX_LENGTH, BATCH_SIZE, LEARNING_RATE, SEED = 100, 256, 4, 2e-4, 42
+ROWS, MAX_LENGTH, LEARNING_RATE, SEED = 100, 256, 2e-4, 42
+# Set from the command line (the workers get the same flags): the model, its device and the batch size.
+MODEL, DEVICE, BATCH_SIZE, PRECISION, PROFILE = "smollm2-135m", "cpu", 4, "fp32", None
 METHODS = ["tunewright", "trainer_peft", "trl", "trl_packing"]
 MEAN_SAMPLE_TOKENS = 111  # measured: 11,055 real tokens in the 100 rows (cut at 256)
 
@@ -65,7 +69,9 @@ def load_model_and_examples() -> tuple[Any, Any, list[Any]]:
 
     rows = json.loads(ALPACA.read_text(encoding="utf-8"))[:ROWS]
     prompts = [row["instruction"] + (f"\n\n{row['input']}" if row["input"] else "") for row in rows]
-    loaded = load_base_model("smollm2-135m", BackendConfig(device="cpu", dtype="float32"))
+    # fp32 weights on CPU; on CUDA the weights' dtype follows --precision (bf16 weights, as Trainer loads them)
+    dtype = "float32" if DEVICE == "cpu" or PRECISION == "fp32" else "bfloat16"
+    loaded = load_base_model(MODEL, BackendConfig(device=DEVICE, dtype=dtype))
     prompt_ids = encode_prompts(prompts, loaded.tokenizer, use_chat_template=True)
     examples = build_examples(prompt_ids, [row["output"] for row in rows], loaded.tokenizer)
     for example in examples:  # the same max length for everyone: cut the end of long samples
@@ -136,8 +142,24 @@ def run_tunewright(clock: StepClock, steps: int, bf16: bool) -> None:
         clock.losses.append(record["loss"])
 
     clock.times[0] = time.perf_counter()
-    fit(LanguageModelObjective(model), examples, [], cfg, Accelerator(cpu=True), tokenizer.pad_token_id,
-        on_log=on_log, show_progress=False)
+    with profiled(PROFILE):
+        fit(LanguageModelObjective(model), examples, [], cfg, Accelerator(cpu=DEVICE == "cpu"), tokenizer.pad_token_id,
+            on_log=on_log, show_progress=False)
+
+
+@contextmanager
+def profiled(path: str | None) -> Iterator[None]:
+    """With --profile PATH: torch.profiler over tunewright's run, its top operators written to PATH."""
+    if not path:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        yield
+    sort = "self_cuda_time_total" if DEVICE == "cuda" else "self_cpu_time_total"
+    Path(path).write_text(profiler.key_averages().table(sort_by=sort, row_limit=40))
 
 
 def hf_callback(clock: StepClock, counted: list[int]) -> Any:
@@ -174,7 +196,7 @@ def common_args(steps: int, bf16: bool) -> dict[str, Any]:
     return {"max_steps": steps, "per_device_train_batch_size": BATCH_SIZE, "num_train_epochs": 1,
             "learning_rate": LEARNING_RATE,
             "lr_scheduler_type": "constant", "warmup_steps": 0, "max_grad_norm": 1.0, "weight_decay": 0.0,
-            "logging_steps": 1, "save_strategy": "no", "report_to": "none", "use_cpu": True, "seed": SEED,
+            "logging_steps": 1, "save_strategy": "no", "report_to": "none", "use_cpu": DEVICE == "cpu", "seed": SEED,
             "dataloader_num_workers": 0, "disable_tqdm": True, "train_sampling_strategy": "sequential",
             "bf16": bf16}
 
@@ -219,7 +241,8 @@ def run_trl(clock: StepClock, packing: bool, steps: int, bf16: bool) -> None:
 
 
 def worker(method: str, samples: int, bf16: bool) -> dict[str, Any]:
-    torch.set_num_threads(2)
+    if DEVICE == "cpu":
+        torch.set_num_threads(2)
     clock = StepClock()
     steps = max_steps(method, samples)
     if method == "tunewright":
@@ -229,17 +252,31 @@ def worker(method: str, samples: int, bf16: bool) -> dict[str, Any]:
     else:
         run_trl(clock, packing=method == "trl_packing", steps=steps, bf16=bf16)
     # ru_maxrss is in KiB on Linux: the whole process, model and data included.
-    return {"method": method, **clock.summary(),
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    memory = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if DEVICE == "cuda":
+        memory["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return {"method": method, **clock.summary(), **memory}
 
 
 # --- the driver ----------------------------------------------------------------------------------
 
 
-def flops_per_token(target_fraction: float) -> dict[str, float]:
-    """Matmul FLOPs per trained token of SmolLM2-135M with LoRA (see BENCHMARKS.md for the counting)."""
-    hidden, layers, inter, kv, vocab = 576, 30, 1536, 192, 49152
-    linear = layers * (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter)  # 106M frozen weights
+def model_shape() -> dict[str, int]:
+    """(hidden, layers, intermediate, key/value width, vocabulary) of --model, read from its config."""
+    if MODEL == "smollm2-135m":
+        return {"hidden": 576, "layers": 30, "inter": 1536, "kv": 192, "vocab": 49152}
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(MODEL)
+    head_dim = config.hidden_size // config.num_attention_heads
+    return {"hidden": config.hidden_size, "layers": config.num_hidden_layers, "inter": config.intermediate_size,
+            "kv": config.num_key_value_heads * head_dim, "vocab": config.vocab_size}
+
+
+def flops_per_token(target_fraction: float, shape: dict[str, int]) -> dict[str, float]:
+    """Matmul FLOPs per trained token of the model with LoRA (see BENCHMARKS.md for the counting)."""
+    hidden, layers, inter, kv, vocab = (shape[key] for key in ("hidden", "layers", "inter", "kv", "vocab"))
+    linear = layers * (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter)  # SmolLM2-135M: 106M frozen
     total_params = linear + vocab * hidden + layers * 2 * hidden + hidden  # 134.5M (tied embeddings)
     # Frozen weights: forward 2N + input-gradient 2N (no weight gradient); LM head on target tokens only.
     useful = 4 * linear + 4 * vocab * hidden * target_fraction
@@ -248,7 +285,10 @@ def flops_per_token(target_fraction: float) -> dict[str, float]:
 
 
 def run_worker(method: str, samples: int, precision: str) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--worker", method, "--samples", str(samples), "--precision", precision]
+    command = [sys.executable, __file__, "--worker", method, "--samples", str(samples), "--precision", precision,
+               "--model", MODEL, "--device", DEVICE, "--batch-size", str(BATCH_SIZE), "--alpaca", str(ALPACA)]
+    if PROFILE and method == "tunewright":
+        command += ["--profile", PROFILE]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{method} failed:\n{done.stderr[-4000:]}")
@@ -256,21 +296,31 @@ def run_worker(method: str, samples: int, precision: str) -> dict[str, Any]:
 
 
 def main() -> None:
+    global MODEL, DEVICE, BATCH_SIZE, PRECISION, PROFILE, ALPACA
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--samples", type=int, default=ROWS, help="samples to train on (about; per method)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="the math of all methods: fp32, or bf16 autocast")
+    parser.add_argument("--model", default=MODEL, help="base model (default smollm2-135m; a folder on GPUs)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=DEVICE)
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's peak for --precision (MFU against it; default: the measured matmul limit)")
+    parser.add_argument("--alpaca", type=Path, default=ALPACA, help="the Alpaca rows (JSON)")
+    parser.add_argument("--profile", default=None, help="write the top operators of tunewright's run to this file")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    MODEL, DEVICE, BATCH_SIZE, PRECISION = args.model, args.device, args.batch_size, args.precision
+    PROFILE, ALPACA = args.profile, args.alpaca
     if args.worker:
         print(json.dumps(worker(args.worker, args.samples, args.precision == "bf16")))
         return
 
     methods = args.methods.split(",")
-    matmul = [measure(2)]
+    matmul = [measure(2)] if DEVICE == "cpu" else []
     runs: dict[str, list[dict[str, Any]]] = {method: [] for method in methods}
     for round_index in range(args.rounds):
         # Each round starts with another method, so no method always runs first (in two runs
@@ -280,14 +330,15 @@ def main() -> None:
             runs[method].append(result)
             print(f"round {round_index + 1} {method}: {result['tokens_per_s']:.1f} tokens/s, "
                   f"loss {result['final_loss']:.3f}, peak RSS {result['peak_rss_mib']:.0f} MiB", flush=True)
-    matmul.append(measure(2))
+    if DEVICE == "cpu":
+        matmul.append(measure(2))
 
-    limit = max(m[f"{args.precision}_gflops"] for m in matmul)
-    report: dict[str, Any] = {"rows": ROWS, "samples": args.samples, "max_length": MAX_LENGTH,
-                              "batch_size": BATCH_SIZE, "precision": args.precision,
+    limit = args.peak_tflops * 1e3 if args.peak_tflops else max(m[f"{args.precision}_gflops"] for m in matmul)
+    report: dict[str, Any] = {"rows": ROWS, "samples": args.samples, "max_length": MAX_LENGTH, "model": MODEL,
+                              "device": DEVICE, "batch_size": BATCH_SIZE, "precision": args.precision,
                               "matmul": matmul, "matmul_limit_gflops": limit, "methods": {}}
     target_fraction = target_token_fraction()
-    flops = flops_per_token(target_fraction)
+    flops = flops_per_token(target_fraction, model_shape())
     report["flops_per_token"] = flops
     report["target_fraction"] = target_fraction
     for method, results in runs.items():
@@ -295,6 +346,7 @@ def main() -> None:
         report["methods"][method] = {
             "tokens_per_s_median": speed, "tokens_per_s_runs": [r["tokens_per_s"] for r in results],
             "peak_rss_mib": max(r["peak_rss_mib"] for r in results),
+            **({"peak_gpu_mib": max(r["peak_gpu_mib"] for r in results)} if "peak_gpu_mib" in results[0] else {}),
             "final_loss": statistics.mean(r["final_loss"] for r in results),
             "mean_loss": statistics.mean(r["mean_loss"] for r in results),
             "steps": results[0]["steps"], "total_tokens": results[0]["total_tokens"],

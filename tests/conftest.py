@@ -6,11 +6,13 @@ mocks and no Hub. Building it takes well under a second.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -30,6 +32,29 @@ def fp32_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     tests/test_precision.py covers the bf16 path and the per-device resolution explicitly.
     """
     monkeypatch.setenv("TUNEWRIGHT_CPU_BF16", "emulated")
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state() -> Iterator[None]:
+    """Each test starts with no Accelerate state: a test on CUDA is followed by one that asks for the CPU.
+
+    Accelerate keeps one process-wide state and refuses an Accelerator(cpu=True) once a CUDA one
+    exists; a run started by a user's process is one state, but the suite starts hundreds.
+    """
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(autouse=True)
+def cpu_only_tests(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests marked `cpu_only(reason)` run on the CPU even where CUDA is present (Accelerate's own switch)."""
+    marker = request.node.get_closest_marker("cpu_only")
+    if marker is None:
+        return
+    if not marker.kwargs.get("reason") and not marker.args:
+        raise pytest.UsageError(f"{request.node.nodeid}: cpu_only needs a reason")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:

@@ -136,3 +136,9 @@ def test_bad_settings_are_refused(tok):
         build_chat_example(tok, TWO_TURN, train_on="assistant")
     with pytest.raises(ConfigError, match="reasoning"):
         build_chat_example(tok, TWO_TURN, reasoning="hide")
+
+
+def test_empty_reply_without_eos_trains_nothing(tok):
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]
+    assert not any(build_chat_example(tok, messages, train_eos=False)["train"])
+    assert trained_tokens(tok, build_chat_example(tok, messages)) == ["<|im_end|>"]

@@ -22,6 +22,8 @@ from tunewright.kernels.cpu_training import (
     reuse_freed_memory,
 )
 
+pytestmark = pytest.mark.cpu_only(reason="the CPU-only dropout/RMSNorm speed paths")
+
 
 def test_dropped_positions_have_the_requested_rate() -> None:
     torch.manual_seed(0)

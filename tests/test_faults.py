@@ -22,7 +22,7 @@ from conftest import build_model
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from tunewright import api
+from tunewright import fine_tune
 from tunewright.adapters import attach_adapter
 from tunewright.checkpoint import CHECKPOINT_DIR, list_checkpoints
 from tunewright.cli import app
@@ -60,7 +60,7 @@ def infinite_gradient_at(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
     """
 
     def install(steps: set[int]) -> None:
-        original = api.trainable_model
+        original = fine_tune.trainable_model
 
         def with_fault(*args: object, **kwargs: object) -> torch.nn.Module:
             model = original(*args, **kwargs)
@@ -70,7 +70,7 @@ def infinite_gradient_at(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
                                  if next(backward_passes) in steps else grad)
             return model
 
-        monkeypatch.setattr(api, "trainable_model", with_fault)
+        monkeypatch.setattr(fine_tune, "trainable_model", with_fault)
 
     return install
 

@@ -114,6 +114,14 @@ def test_only_plain_greedy_uses_our_loop(tiny_model) -> None:
     assert not uses_greedy_loop(tiny_model, GenerationSettings(repetition_penalty=1.3))
 
 
+def test_static_cache_goes_through_generate_with_the_same_greedy_tokens(tiny_model, tokenizer, prompt_ids) -> None:
+    """generation.cache: static (transformers' fixed-shape cache, compiled on CUDA) decodes the same tokens."""
+    static = GenerationSettings(max_new_tokens=8, batch_size=4, cache="static")
+    assert not uses_greedy_loop(tiny_model, static)
+    ours = generate_ids(tiny_model, tokenizer, prompt_ids, static)
+    assert ours == generate_ids(tiny_model, tokenizer, prompt_ids, GenerationSettings(max_new_tokens=8, batch_size=4))
+
+
 def test_sampling_still_goes_through_generate(tiny_model, tokenizer, prompt_ids) -> None:
     torch.manual_seed(0)
     settings = GenerationSettings(max_new_tokens=4, do_sample=True, temperature=0.8, top_k=20)

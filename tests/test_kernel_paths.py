@@ -31,6 +31,8 @@ from tunewright.kernels import cpu_training, forwards, precision, prepacked, swi
 from tunewright.objective import LanguageModelObjective
 from tunewright.train import fit
 
+pytestmark = pytest.mark.cpu_only(reason="it forces each CPU speed path on and off")
+
 CPU = torch.device("cpu")
 StepHook = Callable[[int, int], None]
 

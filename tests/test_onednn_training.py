@@ -15,7 +15,10 @@ from torch import nn
 from tunewright.kernels import onednn_training
 from tunewright.kernels.onednn_training import onednn_frozen_linears
 
-pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)")
+pytestmark = [
+    pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)"),
+    pytest.mark.cpu_only(reason="oneDNN linear layers are a CPU path"),
+]
 
 
 def lora_model(model: nn.Module) -> nn.Module:

@@ -16,7 +16,10 @@ from tunewright.generate import generate_ids
 from tunewright.kernels import prepacked
 from tunewright.kernels.prepacked import packable, packed_weight, prepacked_linears
 
-pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)")
+pytestmark = [
+    pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)"),
+    pytest.mark.cpu_only(reason="pre-packed oneDNN weights are a CPU inference path"),
+]
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -11,52 +11,40 @@ from typing import Any, Required, TypedDict, cast
 import pandas as pd
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch import nn
-from transformers import PreTrainedModel
 
-from tunewright.adapters import attach_adapter, count_parameters, load_adapter, optimizer_step_hook
-from tunewright.checkpoint import CHECKPOINT_DIR, latest_checkpoint, load_checkpoint, run_fingerprint
+from tunewright.chat_templates import set_run_template
+from tunewright.checkpoint import CHECKPOINT_DIR, latest_checkpoint, run_fingerprint
 from tunewright.config import TunewrightConfig, load_config
 from tunewright.data import (
     Dataset,
-    Splits,
     as_frame,
-    build_examples,
-    check_columns,
-    drop_missing_targets,
-    encode_prompts,
-    fit_prompts,
-    render_prompts,
-    split_frame,
     write_table,
 )
 from tunewright.errors import ConfigError, DataError, RunFolderError, TrainingInterrupted, TunewrightError
-from tunewright.evaluate import evaluate_frame, write_confusion_matrix, write_evaluated_rows
+from tunewright.evaluate import evaluate_frame, write_confusion_matrix
 from tunewright.export import ExportDtype, export_model, export_run
+from tunewright.fine_tune import category_vocabulary, fine_tune, load_splits, split_metrics
 from tunewright.gguf_export import ExportFormat, Quantization, export_gguf_format
 from tunewright.heads import (
-    classifier_examples,
-    label_indices,
-    label_texts,
-    label_vocabulary,
     save_category_state,
 )
 from tunewright.loading import from_config, load
 from tunewright.model import (
-    LoadedModel,
-    enable_gradient_checkpointing,
     load_base_model,
     require_quantization_support,
     resolve_device,
 )
 from tunewright.model_card import write_model_card
-from tunewright.objective import LanguageModelObjective
 from tunewright.predictor import TunedModel, attach_category, predict_rows
-from tunewright.progress import log_phase, progress_wanted
+from tunewright.preference_training import (
+    continue_reference,
+    is_preference,
+    preference_fingerprint,
+)
+from tunewright.progress import progress_wanted
 from tunewright.report import write_report_quietly
-from tunewright.report_data import hardware_summary, predictions_file
+from tunewright.report_data import hardware_summary
 from tunewright.run import (
-    append_log,
     check_continuable,
     resume_run,
     set_status,
@@ -66,10 +54,9 @@ from tunewright.run import (
     write_json_atomic,
     write_metrics,
 )
-from tunewright.tracking import accelerator_options, finish_tracking, start_tracking
-from tunewright.train import LogFn, fit, total_optimizer_steps
+from tunewright.tracking import accelerator_options, finish_tracking
+from tunewright.train import LogFn
 from tunewright.trust import remote_code_trusted, with_trust
-from tunewright.validation_metric import generation_scorer
 
 log = logging.getLogger(__name__)
 
@@ -125,51 +112,6 @@ class TrainResult:
     metrics: TrainMetrics
 
 
-def _load_splits(config: TunewrightConfig, dataset: Dataset, validation: Dataset | None) -> Splits:
-    frame, source = as_frame(dataset)
-    needed = [*config.input_columns, config.output_feature.name]
-    check_columns(frame, needed, source)
-    frame = drop_missing_targets(frame, config.output_feature.name, source)
-    if validation is None:
-        splits = split_frame(frame, config.preprocessing, config.trainer.seed)
-    else:
-        validation_frame, validation_source = as_frame(validation, "validation dataset")
-        check_columns(validation_frame, needed, validation_source)
-        validation_frame = drop_missing_targets(validation_frame, config.output_feature.name, validation_source)
-        splits = Splits(frame, validation_frame, frame.iloc[0:0])
-    if len(splits.train) == 0 and config.trainer.type == "finetune":
-        raise DataError(f"{source}: the training split is empty; add rows or change preprocessing.split")
-    return splits
-
-
-def _training_examples(tuned: TunedModel, frame: pd.DataFrame, split: str) -> list[Any]:
-    started = time.perf_counter()
-    examples = _tokenise(tuned, frame)
-    log_phase(f"tokenised {len(examples):,} {split} rows", started)
-    return examples
-
-
-def _tokenise(tuned: TunedModel, frame: pd.DataFrame) -> list[Any]:
-    config = tuned.config
-    prompt_ids = encode_prompts(render_prompts(frame, config), tuned.tokenizer, config.prompt.use_chat_template)
-    prompt_ids, kept = fit_prompts(prompt_ids, tuned.max_input_len, config.preprocessing.overlong_prompts)
-    targets = [str(frame[config.output_feature.name].iloc[row]) for row in kept]
-    if tuned.labels is not None:
-        targets = label_texts(targets, config.output_feature.name, "dataset")
-        if tuned.classifier is not None:
-            return classifier_examples(prompt_ids, label_indices(targets, tuned.labels))
-    return build_examples(prompt_ids, targets, tuned.tokenizer, config.preprocessing.max_target_length)
-
-
-def _category_vocabulary(config: TunewrightConfig, splits: Splits) -> list[str] | None:
-    """Category outputs: the label set (config or training data), checked before any model loads."""
-    feature = config.output_feature
-    if feature.type != "category":
-        return None
-    seen = [*splits.train[feature.name], *splits.validation[feature.name]]
-    return label_vocabulary(feature, label_texts(seen, feature.name, "dataset"), "dataset")
-
-
 def train(
     config: str | Path | dict[str, Any] | TunewrightConfig,
     dataset: Dataset,
@@ -211,12 +153,15 @@ def train(
     config = load_config(config)
     require_quantization_support(config.quantization, config.backend)
     previous_run = check_continuable(from_run, config) if from_run is not None else None
-    splits = _load_splits(config, dataset, validation)
-    vocabulary = _category_vocabulary(config, splits)
+    config = continue_reference(config, previous_run)
+    splits = load_splits(config, dataset, validation)
+    vocabulary = category_vocabulary(config, splits)
     run_dir = Path(output_dir)
     if resume and overwrite:
         raise RunFolderError(f"{run_dir}: pass either --resume or --overwrite, not both")
     fingerprint = run_fingerprint(config, splits.train, splits.validation)
+    if is_preference(config):
+        fingerprint.update(preference_fingerprint(config, splits))
     accelerator = Accelerator(cpu=resolve_device(config.backend).type == "cpu",
                               **accelerator_options(config.tracking, run_dir))
     checkpoint = _open_run_folder(run_dir, config, fingerprint, accelerator, resume, overwrite, sources)
@@ -228,6 +173,7 @@ def train(
             trusted = trusted or config.backend.trust_remote_code
         loaded = load_base_model(source, with_trust(config.backend, trusted), config.quantization,
                                  accelerator.device)
+        set_run_template(config, loaded.tokenizer)  # saved with the tokenizer: every later step renders with it
         started = time.perf_counter()
         if config.trainer.type == "none":
             tuned = TunedModel(loaded.model, loaded.tokenizer, config)
@@ -236,12 +182,12 @@ def train(
             summary: dict[str, Any] = {"type": "none"}
             log.info("trainer.type is none: nothing is trained and no weights are saved")
         else:
-            tuned, summary = _fine_tune(config, loaded, splits, vocabulary, previous_run, accelerator, run_dir,
+            tuned, summary = fine_tune(config, loaded, splits, vocabulary, previous_run, accelerator, run_dir,
                                         fingerprint, checkpoint, show_progress, on_validation)
         summary["seconds"] = time.perf_counter() - started
         tuned.model.eval()
         metrics = cast(TrainMetrics, {"training": summary,
-                                      **_split_metrics(tuned, splits, run_dir, accelerator, show_progress)})
+                                      **split_metrics(tuned, splits, run_dir, accelerator, show_progress)})
         finish_tracking(accelerator, dict(metrics), summary.get("steps", 0))
         if accelerator.is_main_process:
             if tuned.labels is not None:
@@ -290,70 +236,6 @@ def _open_run_folder(run_dir: Path, config: TunewrightConfig, fingerprint: dict[
     if resume and not accelerator.is_main_process:
         checkpoint = latest_checkpoint(run_dir / CHECKPOINT_DIR)
     return checkpoint
-
-
-def _fine_tune(config: TunewrightConfig, loaded: LoadedModel, splits: Splits, vocabulary: list[str] | None,
-               previous_run: Path | None, accelerator: Accelerator, run_dir: Path, fingerprint: dict[str, str],
-               checkpoint: Path | None, show_progress: bool, on_validation: LogFn | None = None
-               ) -> tuple[TunedModel, dict[str, Any]]:
-    """Wrap the model for training, run fit(), and save the trained weights into the run folder."""
-    planned_steps = total_optimizer_steps(len(splits.train), config.trainer, accelerator.num_processes)
-    trainable = trainable_model(loaded.model, config, planned_steps, previous_run)
-    tuned = TunedModel(trainable, loaded.tokenizer, config)
-    if config.trainer.gradient_checkpointing:
-        enable_gradient_checkpointing(tuned.model)
-    if vocabulary is not None:
-        attach_category(tuned, vocabulary)
-    report = count_parameters(tuned.classifier or tuned.model)
-    start_tracking(accelerator, config, run_dir, {"trainable": report.trainable, "total": report.total})
-    started = time.perf_counter()
-
-    def on_log(record: dict[str, Any]) -> None:
-        if accelerator.is_main_process:
-            append_log(run_dir, record)
-        if on_validation is not None and "val_loss" in record:
-            on_validation(record)
-
-    result = fit(
-        tuned.classifier or LanguageModelObjective(tuned.model),
-        _training_examples(tuned, splits.train, "training"),
-        _training_examples(tuned, splits.validation, "validation") if len(splits.validation) else [],
-        config.trainer,
-        accelerator,
-        loaded.tokenizer.pad_token_id,
-        on_log=on_log,
-        show_progress=show_progress,
-        after_optimizer_step=optimizer_step_hook(tuned.model),
-        checkpoint_dir=run_dir / CHECKPOINT_DIR,
-        fingerprint=fingerprint,
-        resume=load_checkpoint(checkpoint) if checkpoint is not None else None,
-        score_generation=generation_scorer(tuned, splits.validation),
-    )
-    log_phase(f"trained {result.steps} optimizer steps", started)  # (its time includes tokenising the data)
-    tuned.model = accelerator.unwrap_model(tuned.model)
-    if accelerator.is_main_process:
-        tuned.model.save_pretrained(run_dir, safe_serialization=True)
-    summary = {"type": "finetune", "trainable_parameters": report.trainable, "total_parameters": report.total,
-               "steps": result.steps, "best_val_loss": result.best_val_loss, "stopped_early": result.stopped_early,
-               "eval_metric": config.trainer.eval_metric, "best_eval_metric": result.best_metric,
-               "best_step": result.best_step}
-    return tuned, summary
-
-
-def _split_metrics(tuned: TunedModel, splits: Splits, run_dir: Path, accelerator: Accelerator,
-                   show_progress: bool) -> dict[str, EvaluationMetrics]:
-    """Metrics on the validation and test splits (and confusion-matrix pictures for categories)."""
-    metrics: dict[str, Any] = {}
-    for split_name in ("validation", "test"):
-        frame = getattr(splits, split_name)
-        if len(frame):
-            evaluation = evaluate_frame(tuned, frame, show_progress, split_name)
-            metrics[split_name] = evaluation.metrics
-            if accelerator.is_main_process:
-                write_evaluated_rows(tuned, evaluation, run_dir / predictions_file(split_name))
-            if "confusion_matrix" in metrics[split_name] and accelerator.is_main_process:
-                write_confusion_matrix(metrics[split_name], run_dir / f"confusion_matrix_{split_name}.png")
-    return metrics
 
 
 def _as_model(model: TunedModel | str | Path) -> TunedModel:
@@ -439,15 +321,3 @@ def export(model: TunedModel | str | Path, output_dir: str | Path, merge: bool =
 
 __all__ = ["EvaluationMetrics", "TrainMetrics", "TrainResult", "TunewrightError", "as_frame", "evaluate",
            "export", "from_config", "load", "predict", "train"]
-
-
-def trainable_model(
-    model: PreTrainedModel, config: TunewrightConfig, total_steps: int, from_run: Path | None = None
-) -> nn.Module:
-    """The model ready to train: a fresh adapter, the saved adapter of `from_run` made trainable, or
-    (full fine-tuning) the model's own weights with the chosen ones unfrozen."""
-    if from_run is not None and weights_kind(from_run) == "adapter":
-        wrapped = load_adapter(model, str(from_run), trainable=True)
-        log.info("continuing from %s: %s", from_run, count_parameters(wrapped))
-        return wrapped
-    return attach_adapter(model, config.adapter, total_steps)

@@ -31,8 +31,12 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: Messages, chat_templat
 
 
 def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: Messages, chat_template: str | None = None,
-                    train_eos: bool = True, template_name: str = "tokenizer's") -> tuple[str, list[Span]]:
-    """Return (full text, [(start, end) char span of each assistant turn's trained text])."""
+                    train_eos: bool = True, template_name: str = "tokenizer's",
+                    turn_ends: list[int] | None = None) -> tuple[str, list[Span]]:
+    """Return (full text, [(start, end) char span of each assistant turn's trained text]).
+
+    `turn_ends`, when given, receives the character offset where each message's rendering ends.
+    """
     full = _render(tokenizer, messages, chat_template)
     spans: list[Span] = []
     previous = ""
@@ -45,6 +49,8 @@ def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: Messages, chat
             )
         if message["role"] == "assistant":
             spans.append(_turn_span(tokenizer, messages[:i], message, previous, current, chat_template, train_eos))
+        if turn_ends is not None:
+            turn_ends.append(len(current))
         previous = current
     return full, spans
 
@@ -59,7 +65,10 @@ def _turn_span(tokenizer: PreTrainedTokenizerBase, history: Messages, message: d
     if content_at >= 0:
         # a template without a generation prompt leaves the role header in the turn: skip it too
         start = content_at
-    content_end = content_at + len(content) if content_at >= 0 else len(current.rstrip())
+    if content_at >= 0:
+        content_end = content_at + len(content)
+    else:  # an empty reply has no text to train; a reply the template rewrote trains its whole turn
+        content_end = start if not content else len(current.rstrip())
     if train_eos:
         # end-of-turn token(s) close the answer; trailing whitespace after them belongs to the next turn
         return start, len(current.rstrip())
@@ -75,19 +84,53 @@ def build_chat_example(
     reasoning: str = "keep",
     template_name: str = "tokenizer's",
 ) -> dict[str, list[Any]]:
-    """Tokenise one conversation: {"input_ids": [...], "train": [bool per token]}."""
+    """Tokenise one conversation: {"input_ids": [...], "train": [bool per token], "turn_ends": [...]}.
+
+    `turn_ends[i]` is the number of tokens up to the end of message i (a token that straddles the end counts).
+    """
     if train_on not in TRAIN_ON:
         raise ConfigError(f"train_on: {train_on!r} is not one of {', '.join(TRAIN_ON)}")
     if reasoning not in ("keep", "strip"):
         raise ConfigError(f"reasoning: {reasoning!r} is not one of keep, strip")
     if reasoning == "strip":
         messages = strip_reasoning(messages)
-    text, spans = assistant_spans(tokenizer, messages, chat_template, train_eos, template_name)
+    char_ends: list[int] = []
+    text, spans = assistant_spans(tokenizer, messages, chat_template, train_eos, template_name, char_ends)
     if train_on == "last_assistant":
         spans = spans[-1:]
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids, offsets = _encode_split(tokenizer, text, _last_reply_start(tokenizer, messages, text, chat_template))
     if train_on == "everything":
-        train = [True] * len(encoded["input_ids"])
+        train = [True] * len(input_ids)
     else:
-        train = [any(s < end and e > start for s, e in spans) for start, end in encoded["offset_mapping"]]
-    return {"input_ids": list(encoded["input_ids"]), "train": train}
+        train = [any(s < end and e > start for s, e in spans) for start, end in offsets]
+    starts = [start for start, _ in offsets]
+    turn_ends = [sum(1 for start in starts if start < end) for end in char_ends]
+    return {"input_ids": input_ids, "train": train, "turn_ends": turn_ends}
+
+
+def _last_reply_start(tokenizer: PreTrainedTokenizerBase, messages: Messages, text: str,
+                      chat_template: str | None) -> int | None:
+    """Where the last assistant turn's reply starts: the end of its history rendered for generation."""
+    if not messages or messages[-1]["role"] != "assistant" or len(messages) < 2:
+        return None
+    prompt = _render(tokenizer, messages[:-1], chat_template, add_generation_prompt=True)
+    return len(prompt) if prompt and text.startswith(prompt) else None
+
+
+def _encode_split(tokenizer: PreTrainedTokenizerBase, text: str, cut: int | None) -> tuple[list[int], list[Span]]:
+    """Token ids and char offsets of `text`, the part before `cut` tokenised on its own.
+
+    Inference tokenises the history rendered for generation on its own, so its last tokens may differ from
+    the same text inside the whole conversation (GPT-2 style pre-tokenizers split "\n\nHi" as "\n" "\nHi" but
+    "\n\n" alone as one piece). Cutting there makes training's context for the last reply the exact ids
+    that predict, the server and `apply_chat_template` produce.
+    """
+    pieces = [(0, text)] if cut is None else [(0, text[:cut]), (cut, text[cut:])]
+    input_ids: list[int] = []
+    offsets: list[Span] = []
+    for shift, piece in pieces:
+        if piece:
+            encoded = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
+            input_ids += list(encoded["input_ids"])
+            offsets += [(start + shift, end + shift) for start, end in encoded["offset_mapping"]]
+    return input_ids, offsets

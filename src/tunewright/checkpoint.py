@@ -255,6 +255,8 @@ def run_fingerprint(
         key: json.dumps(resolved[key], sort_keys=True)
         for key in ("base_model", "adapter", "input_features", "output_features", "prompt", "preprocessing")
     }
+    if resolved.get("conversation") is not None:  # its masks decide what trains (absent: older fingerprints hold)
+        fingerprint["conversation"] = json.dumps(resolved["conversation"], sort_keys=True)
     for key in DATA_ORDER_KEYS:
         if key in resolved["trainer"]:
             fingerprint[f"trainer.{key}"] = json.dumps(resolved["trainer"][key])

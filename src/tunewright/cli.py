@@ -221,6 +221,22 @@ def train(
 
 
 @app.command()
+def inspect(
+    ctx: typer.Context,
+    config: ConfigOption,
+    dataset: DatasetOption,
+    rows: Annotated[int, typer.Option("--rows", "-n", min=0, help="Rows to show highlighted.")] = 3,
+) -> None:
+    """Show which tokens train (highlighted) in the first rows, and count rows the masks leave empty."""
+    _quiet_if_asked(ctx)
+    from tunewright.mask_lint import inspect_dataset, inspection_view
+
+    inspection = inspect_dataset(config, dataset)
+    out = Console(soft_wrap=True)
+    out.print(inspection_view(inspection, rows, marks=not out.is_terminal), highlight=False)
+
+
+@app.command()
 def tune(
     ctx: typer.Context,
     config: ConfigOption,

@@ -41,7 +41,12 @@ FOREIGN_KEYS: dict[str, str] = {
     "micro_batch_size": "trainer.batch_size",
     "lora_target_modules": "adapter.target_modules",
     "sample_packing": "trainer.packing",
-    "chat_template": "prompt.use_chat_template",
+    "chat_template": "prompt.chat_template",
+    "field_messages": "conversation.column",
+    "roles_to_train": "conversation.train_on",
+    "train_on_eos": "conversation.train_eos",
+    "default_system_message": "prompt.system_prompt",
+    "assistant_only_loss": "conversation.train_on",
     # peft / bitsandbytes
     "lora_r": "adapter.r",
     "rank": "adapter.r",

@@ -133,3 +133,39 @@ def strip_reasoning(messages: list) -> list:
             message = {**message, "content": content}
         stripped.append(message)
     return stripped
+
+
+def detect_cell_format(cell, column: str) -> str:
+    """The format of one conversation cell: a list of {role} or {from} turns, or a transcript string.
+
+    Raises:
+        DataError: the cell is none of these.
+    """
+    if isinstance(cell, str):
+        try:
+            parsed = json.loads(cell)
+        except json.JSONDecodeError:
+            return "transcript"
+        cell = parsed
+    turns = list(cell) if isinstance(cell, list | tuple) or hasattr(cell, "tolist") else None
+    first = turns[0] if turns else None
+    if isinstance(first, dict) and "role" in first:
+        return "messages"
+    if isinstance(first, dict) and "from" in first:
+        return "sharegpt"
+    raise DataError(f"column '{column}': cannot tell the conversation format (neither {{role, content}} nor "
+                    "{from, value} turns, nor text); set conversation.format")
+
+
+def parse_conversation(cell, conversation_format: str, row_index: int, column: str,
+                       speakers: dict | None = None, require_assistant_last: bool = True) -> list:
+    """One cell as messages, in the given format (`messages`, `sharegpt` or `transcript`)."""
+    if hasattr(cell, "tolist"):  # parquet lists arrive as numpy arrays
+        cell = cell.tolist()
+    if conversation_format == "messages":
+        return from_messages(cell, row_index, column, require_assistant_last)
+    if conversation_format == "sharegpt":
+        return from_sharegpt(cell, row_index, column, require_assistant_last)
+    if not isinstance(cell, str):
+        raise DataError(f"row {row_index}, column '{column}': a transcript must be text; set conversation.format")
+    return from_transcript(cell, row_index, column, speakers, require_assistant_last)

@@ -11,12 +11,14 @@ from typing import Any
 
 import pandas as pd
 
+from tunewright.chat_data import check_mask_stats, conversation_examples, frame_conversations, last_replies
 from tunewright.data import build_examples, check_columns, drop_missing_targets, write_table
 from tunewright.generate import generate_ids
 from tunewright.heads import label_texts
 from tunewright.metrics import category_metrics, generated_token_accuracy, label_cross_entropy, text_metrics
 from tunewright.objective import LanguageModelObjective, evaluate_loss
 from tunewright.predictor import PREDICTION_COLUMN, PROBABILITY_COLUMN, TunedModel
+from tunewright.preference_training import evaluate_preference, is_preference
 from tunewright.progress import log_phase
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,26 @@ def evaluate_text(tuned: TunedModel, frame: pd.DataFrame, batch_size: int,
     texts = [text.strip() for text in tuned.tokenizer.batch_decode(generated, skip_special_tokens=True)]
     target_ids = tuned.tokenizer(targets, add_special_tokens=False)["input_ids"]
     metrics["generated_token_accuracy"] = generated_token_accuracy(generated, target_ids, pad_id)
+    metrics.update(text_metrics(texts, targets))
+    predictions = frame.copy()
+    predictions[PREDICTION_COLUMN] = texts
+    return Evaluation(metrics=metrics, predictions=predictions)
+
+
+def evaluate_conversation(tuned: TunedModel, frame: pd.DataFrame, batch_size: int,
+                          show_progress: bool = False, source: str = "dataset") -> Evaluation:
+    """Loss on the training masks (every trained token), then each final assistant turn generated from its history."""
+    assert tuned.config.conversation is not None
+    conversations = frame_conversations(frame, tuned.config.conversation, source)
+    examples, stats = conversation_examples(tuned.tokenizer, conversations, tuned.config, tuned.max_sequence_len)
+    check_mask_stats(stats, source)
+    metrics = evaluate_loss(LanguageModelObjective(tuned.model), examples, batch_size, tuned.tokenizer.pad_token_id)
+    prompt_ids = tuned.encode_conversations(conversations)
+    generated = generate_ids(tuned.model, tuned.tokenizer, prompt_ids, tuned.config.generation, show_progress)
+    texts = [text.strip() for text in tuned.tokenizer.batch_decode(generated, skip_special_tokens=True)]
+    targets = last_replies(conversations)
+    target_ids = tuned.tokenizer(targets, add_special_tokens=False)["input_ids"]
+    metrics["generated_token_accuracy"] = generated_token_accuracy(generated, target_ids, tuned.tokenizer.pad_token_id)
     metrics.update(text_metrics(texts, targets))
     predictions = frame.copy()
     predictions[PREDICTION_COLUMN] = texts
@@ -124,10 +146,14 @@ def evaluate_frame(tuned: TunedModel, frame: pd.DataFrame, show_progress: bool =
                    source: str = "dataset") -> Evaluation:
     """Evaluate on labelled rows with the metrics that fit the output feature's type."""
     started = time.perf_counter()
+    if is_preference(tuned.config):  # held-out pairs: reward accuracy and margin, no generation
+        return Evaluation(evaluate_preference(tuned.model, tuned.tokenizer, tuned.config, frame, source), frame)
     frame = prepare_labelled(tuned, frame, source)
     batch_size = tuned.config.trainer.eval_batch_size or tuned.config.trainer.batch_size
     if tuned.is_category:
         evaluation = evaluate_category(tuned, frame, source, show_progress)
+    elif tuned.config.conversation is not None:
+        evaluation = evaluate_conversation(tuned, frame, batch_size, show_progress, source)
     else:
         evaluation = evaluate_text(tuned, frame, batch_size, show_progress)
     evaluation.metrics["rows"] = len(frame)  # a count: an int in the JSON too

@@ -63,6 +63,10 @@ def run_chat_template(config: TunewrightConfig, tokenizer: PreTrainedTokenizerBa
     Raises:
         ConfigError: the run wraps prompts in a chat template, and the tokenizer has none.
     """
+    if config.conversation is not None:  # the run's own template renders whole conversations as in training
+        if not isinstance(tokenizer.chat_template, str):
+            raise ConfigError("prompt.chat_template: the run's tokenizer has no chat template to export")
+        return tokenizer.chat_template
     prompt = prompt_expression(config)
     if not config.prompt.use_chat_template:
         return LAST_USER_MESSAGE + "{{ " + prompt + " }}"

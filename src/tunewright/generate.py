@@ -34,6 +34,7 @@ from transformers import (
 from transformers.cache_utils import DynamicLayer
 
 from tunewright.adapters import uses_virtual_tokens
+from tunewright.chat_templates import end_of_turn_id
 from tunewright.config import GenerationSettings
 from tunewright.data import collate_prompts
 from tunewright.kernels.attention import packed_attention, packed_row_capacity, varlen_kwargs
@@ -55,16 +56,24 @@ def to_generation_config(settings: GenerationSettings, tokenizer: PreTrainedToke
     }
     if not settings.do_sample:  # unset sampling knobs so transformers does not warn about them
         values.update(temperature=None, top_k=None, top_p=None)
+    if settings.cache == "static":
+        values["cache_implementation"] = "static"
     return GenerationConfig(
         **{key: value for key, value in values.items() if value is not None},
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=end_ids if len(end_ids := end_token_ids(tokenizer)) > 1 else tokenizer.eos_token_id,
     )
 
 
+def end_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """EOS, then the chat template's end-of-turn token when it is another one (ChatML's <|im_end|>)."""
+    ids = [tokenizer.eos_token_id, end_of_turn_id(tokenizer)]
+    return list(dict.fromkeys(token for token in ids if token is not None))
+
+
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    """The tokens that end a generated row: EOS and padding."""
-    return {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+    """The tokens that end a generated row: EOS, the chat template's end of turn, and padding."""
+    return {*end_token_ids(tokenizer), tokenizer.pad_token_id} - {None}
 
 
 def trim_at_stop(ids: Sequence[int], stop_ids: set[int]) -> list[int]:
@@ -78,9 +87,10 @@ def trim_at_stop(ids: Sequence[int], stop_ids: set[int]) -> list[int]:
 
 
 def uses_greedy_loop(model: nn.Module, settings: GenerationSettings) -> bool:
-    """Our loop covers plain greedy decoding; everything else is transformers' `generate`."""
+    """Our loop covers plain greedy decoding on a dynamic cache; everything else is transformers' `generate`."""
     plain = settings.repetition_penalty is None or settings.repetition_penalty == 1.0
-    return not settings.do_sample and settings.num_beams == 1 and plain and not uses_virtual_tokens(model)
+    return (not settings.do_sample and settings.num_beams == 1 and plain and settings.cache == "dynamic"
+            and not uses_virtual_tokens(model))
 
 
 def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:

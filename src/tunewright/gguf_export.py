@@ -118,6 +118,9 @@ def export_gguf(
     output_dir = Path(output_dir)
     target = output_dir.resolve()
     check_exportable(tuned.config, merge=True)
+    if ollama and tuned.config.conversation is not None:  # the Go TEMPLATE renders the last user message only
+        raise ConfigError("export --format ollama: a conversation run's multi-turn chat template has no Modelfile "
+                          "TEMPLATE here; export --format gguf (the file carries the chat template) or hf")
     check_output_dir_kind(output_dir, overwrite, "GGUF export folder", GGUF_MARKER)
     ensure_converter()  # fetched before the slow part, so a failure costs nothing
     name = name or target.name

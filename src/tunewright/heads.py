@@ -141,7 +141,8 @@ class ClassifierObjective(nn.Module):
         logits = self.label_logits(input_ids, attention_mask)  # (B, L)
         loss_sum = F.cross_entropy(logits, label_index, reduction="sum")
         correct = (logits.argmax(dim=-1) == label_index).sum()
-        return LossOutput(loss_sum=loss_sum, count=torch.tensor(len(label_index)), correct=correct)
+        # count on the batch's device: evaluate_loss stacks it with the loss (a CPU count breaks that on CUDA)
+        return LossOutput(loss_sum=loss_sum, count=label_index.new_tensor(len(label_index)), correct=correct)
 
 
 def classifier_examples(prompt_ids: Sequence[list[int]], indices: Sequence[int]) -> list[Example]:

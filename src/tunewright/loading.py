@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from tunewright.adapters import load_adapter
+from tunewright.chat_templates import set_run_template
 from tunewright.config import TunewrightConfig, load_config
 from tunewright.errors import ConfigError
 from tunewright.heads import load_vocabulary
@@ -28,6 +29,7 @@ def from_config(
         config = config.model_copy(update={"backend": with_trust(config.backend, True)})
     require_quantization_support(config.quantization, config.backend)
     loaded = load_base_model(config.base_model, config.backend, config.quantization)
+    set_run_template(config, loaded.tokenizer)
     loaded.model.eval()
     tuned = TunedModel(loaded.model, loaded.tokenizer, config)
     if config.output_feature.type == "category":

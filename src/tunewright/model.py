@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from tunewright.config import BackendConfig, QuantizationConfig
 from tunewright.errors import ConfigError, ModelLoadError
+from tunewright.kernels.gpu_training import attention_implementation_for
 
 log = logging.getLogger(__name__)
 
@@ -281,8 +282,9 @@ def load_base_model(
         # transformers >= 5.25 kernelizes at train()/eval() through Hub kernels unless told not to.
         "use_kernels": backend.hub_kernels,
     }
+    if device.type == "cuda" or backend.attention != "auto":
+        kwargs["attn_implementation"] = attention_implementation_for(backend.attention, device)
     if device.type == "cuda":
-        kwargs["attn_implementation"] = "sdpa"
         if torch.cuda.device_count() > 1 and os.environ.get("WORLD_SIZE", "1") == "1":
             # One process, several GPUs: shard the layers. Under `accelerate launch` each process
             # holds a full replica on its own GPU instead.

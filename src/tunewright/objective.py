@@ -18,6 +18,7 @@ from torch import nn
 from tunewright.adapters import adapter_penalty, uses_virtual_tokens
 from tunewright.data import IGNORE_INDEX, Example, collate_training
 from tunewright.kernels.attention import varlen_kwargs
+from tunewright.kernels.gpu_training import liger_linear_cross_entropy, liger_loss_applies
 from tunewright.kernels.lm_loss import linear_cross_entropy
 from tunewright.model import base_model
 
@@ -56,9 +57,10 @@ class LanguageModelObjective(nn.Module):
     plain linear head the loss is fused with it (kernels/lm_loss.py) and no logits are kept for backward.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, fused_loss: str = "auto"):
         super().__init__()
         self.model = model
+        self.fused_loss = fused_loss  # trainer.fused_loss: Liger's kernel where it runs (gpu_training.py)
         self.train(model.training)  # a wrapper of an eval model is in eval mode (evaluate_loss restores it)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
@@ -74,6 +76,9 @@ class LanguageModelObjective(nn.Module):
         else:
             hidden = hidden_states(self.model, input_ids, attention_mask, position_ids, cu_seq_lens)[:, :-1]
             _, lm_head = causal_lm_parts(self.model)
+            if type(lm_head) is nn.Linear and self.training and liger_loss_applies(self.fused_loss, hidden.device):
+                loss_sum = liger_linear_cross_entropy(hidden[mask], lm_head, next_labels[mask])
+                return self._output(loss_sum, next_labels.new_zeros(()), mask)
             if type(lm_head) is nn.Linear:  # a plain head (not adapted): the fused loss
                 loss_sum, correct = linear_cross_entropy(hidden[mask], lm_head, next_labels[mask],
                                                          want_correct=not self.training)

@@ -7,12 +7,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from tunewright.chat_data import chat_prompt_ids, frame_conversations, history_of
 from tunewright.config import GenerationSettings, TunewrightConfig
 from tunewright.data import Dataset, as_frame, check_columns, encode_prompts, fit_prompts, render_prompts
 from tunewright.generate import generate_texts
@@ -66,6 +68,11 @@ class TunedModel:
         return max_input_length(base, self.config.generation.max_new_tokens, cap)
 
     @property
+    def max_sequence_len(self) -> int:
+        """Longest training sequence of conversation data: the model's context (or preprocessing.max_input_length)."""
+        return max_input_length(base_model(self.model), 0, self.config.preprocessing.max_input_length)
+
+    @property
     def is_category(self) -> bool:
         return self.config.output_feature.type == "category"
 
@@ -76,7 +83,17 @@ class TunedModel:
         return kept
 
     def encode_frame(self, frame: pd.DataFrame) -> list[list[int]]:
+        if self.config.conversation is not None:
+            return self.encode_conversations(frame_conversations(frame, self.config.conversation,
+                                                                 require_assistant_last=False))
         return self.encode_texts(render_prompts(frame, self.config))
+
+    def encode_conversations(self, conversations: Sequence[list[dict[str, Any]]]) -> list[list[int]]:
+        """Each conversation's history (a final assistant turn is the answer: left out) through the run's
+        chat template, ready for the assistant's reply; truncated from the left to the maximum input length."""
+        histories = [history_of(messages, self.config.prompt.reasoning) for messages in conversations]
+        kept, _ = fit_prompts(chat_prompt_ids(self.tokenizer, histories), self.max_input_len, "truncate")
+        return kept
 
     def generate(self, prompts: Sequence[str], settings: GenerationSettings | None = None,
                  show_progress: bool = False) -> list[str]:

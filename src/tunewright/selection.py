@@ -78,6 +78,10 @@ def generation_mode(objective: nn.Module) -> Iterator[None]:
 def validation_metrics(ctx: StepContext, examples: Sequence[Example],
                        scorer: GenerationScorer | None) -> dict[str, float]:
     """The loss and token accuracy over every validation row, then the generated metrics (if any)."""
+    if ctx.batching is not None:  # preference pairs: their own loss and reward figures
+        with ctx.autocast:
+            return ctx.batching.evaluate(ctx.objective, examples, ctx.cfg.eval_batch_size or ctx.cfg.batch_size,
+                                         ctx.pad_id, ctx.accelerator)
     with ctx.autocast:  # the training precision: frozen weights may be bf16 here
         teacher_forced = evaluate_loss(ctx.objective, examples, ctx.cfg.eval_batch_size or ctx.cfg.batch_size,
                                        ctx.pad_id, ctx.accelerator)

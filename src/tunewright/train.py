@@ -28,6 +28,7 @@ from tunewright.config import TrainerConfig
 from tunewright.data import IGNORE_INDEX, Example
 from tunewright.errors import RunFolderError, TrainingError
 from tunewright.faults import StopNow, StopRequest, interruption, is_out_of_memory, skip_nonfinite_step, step_is_finite
+from tunewright.kernels.gpu_training import optimizer_options
 from tunewright.kernels.training import training_kernels
 from tunewright.objective import LossOutput
 from tunewright.packing import collate_micro_batch, group_by_length, supports_packing
@@ -132,23 +133,56 @@ class StepContext:
     row_capacity: int | None  # tokens per packed row (None: one row per micro-batch)
     autocast: Any
     stop: StopRequest
+    batching: Batching | None = None  # None: language-model examples (data.Example)
 
 
-def split_micro_batches(batches: Sequence[list[int]], size: int) -> list[list[int]]:
-    """Cut each batch into micro-batches of at most `size` (the order of samples is kept)."""
-    return [batch[start : start + size] for batch in batches for start in range(0, len(batch), size)]
+@dataclass
+class Batching:
+    """How fit() handles examples other than data.Example (preference pairs: preference_objective.py)."""
+
+    collate: Callable[[Sequence[Any], int], dict[str, torch.Tensor]]  # (examples, pad_id) -> batch
+    # Called as each optimizer step (or its retry) starts: the loss normaliser of its window.
+    begin_window: Callable[[Sequence[Any], Sequence[int]], int]
+    step_metrics: Callable[[], dict[str, float]]  # extra figures for the step's log record
+    evaluate: Callable[[nn.Module, Sequence[Any], int, int, Accelerator], dict[str, float]]  # validation
+
+
+def split_micro_batches(batches: Sequence[list[int]], size: int, lengths: Sequence[int] | None = None,
+                        token_budget: int | None = None) -> list[list[int]]:
+    """Cut each batch into micro-batches of at most `size` samples and, with a budget, at most
+    `token_budget` tokens (a longer sample goes alone); the order of samples is kept."""
+    micro_batches: list[list[int]] = []
+    for batch in batches:
+        current: list[int] = []
+        tokens = 0
+        for index in batch:
+            length = lengths[index] if lengths is not None and token_budget is not None else 0
+            if current and (len(current) == size or (token_budget is not None and tokens + length > token_budget)):
+                micro_batches.append(current)
+                current, tokens = [], 0
+            current.append(index)
+            tokens += length
+        if current:
+            micro_batches.append(current)
+    return micro_batches
 
 
 def accumulate_window(ctx: StepContext, window: Sequence[list[int]], micro_size: int) -> tuple[float, int]:
     """Forward and backward every micro-batch of one optimizer step; returns (loss, real tokens)."""
     accelerator, world_size = ctx.accelerator, ctx.accelerator.num_processes
-    micro_batches = split_micro_batches(window[accelerator.process_index :: world_size], micro_size)
-    window_tokens = max(1, target_token_count(ctx.examples, [i for batch in window for i in batch]))
+    micro_batches = split_micro_batches(window[accelerator.process_index :: world_size], micro_size, ctx.lengths,
+                                        ctx.cfg.batch_tokens)
+    normaliser = ctx.batching.begin_window if ctx.batching is not None else target_token_count
+    window_tokens = max(1, normaliser(ctx.examples, [i for batch in window for i in batch]))
     step_loss, tokens = 0.0, 0
     for micro_index, indices in enumerate(micro_batches):
         if world_size == 1 and ctx.stop.signal_number is not None:
             raise StopNow
-        batch = collate_micro_batch([ctx.examples[i] for i in indices], ctx.pad_id, ctx.packing, ctx.row_capacity)
+        if ctx.batching is not None:
+            batch = ctx.batching.collate([ctx.examples[i] for i in indices], ctx.pad_id)
+        else:
+            batch = collate_micro_batch([ctx.examples[i] for i in indices], ctx.pad_id, ctx.packing,
+                                        ctx.row_capacity)
         batch = {key: value.to(accelerator.device) for key, value in batch.items()}
         # Gradients are synchronised once per optimizer step, on its last micro-batch.
         sync = micro_index == len(micro_batches) - 1
@@ -317,11 +351,14 @@ def fit(
     fingerprint: dict[str, str] | None = None,
     resume: Checkpoint | None = None,
     score_generation: GenerationScorer | None = None,
+    batching: Batching | None = None,
 ) -> FitResult:
     """Train the trainable parameters of `objective` and keep the best weights by trainer.eval_metric.
 
     `after_optimizer_step(steps_done, total_steps)`, if given, runs after each optimizer step and
     before the gradients are cleared (AdaLoRA re-allocates its ranks there; see adapters.py).
+    `batching`, for examples other than data.Example, replaces collation, the loss normaliser and
+    validation, and adds figures to each step's record (see `Batching`).
     `score_generation()`, needed for a generated trainer.eval_metric, returns the generated metrics
     of the validation rows with the weights of the moment (validation_metric.py); see selection.py.
 
@@ -343,7 +380,8 @@ def fit(
     if not parameters:
         raise TrainingError("nothing to train: no parameter requires a gradient (check the adapter config)")
     check_scorer(cfg, bool(val_examples), score_generation)
-    optimizer = torch.optim.AdamW(parameters, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(parameters, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                  **optimizer_options(accelerator.device))
     world_size = accelerator.num_processes
     total_steps = total_optimizer_steps(len(train_examples), cfg, world_size)
     session = start_session(objective, optimizer, cfg, total_steps, fingerprint, resume, checkpoint_dir)
@@ -359,9 +397,11 @@ def fit(
     progress = TrainingProgress(total_steps) if show_progress and accelerator.is_main_process else NullProgress()
     lengths = [len(example.input_ids) for example in train_examples]
     stop = StopRequest()
-    with progress, stop, training_kernels(unwrapped, cfg.precision, accelerator.device, packing) as kernels:
+    speed_paths = training_kernels(unwrapped, cfg.precision, accelerator.device, packing, compile_layers=cfg.compile,
+                                   offload_activations=cfg.gradient_checkpointing == "offload")
+    with progress, stop, speed_paths as kernels:
         ctx = StepContext(objective, optimizer, parameters, train_examples, lengths, cfg, accelerator, pad_id,
-                          packing, kernels.row_capacity, kernels.autocast, stop)
+                          packing, kernels.row_capacity, kernels.autocast, stop, batching)
         progress.update(None, advance=state.step)
         for step, (epoch, window) in enumerate(optimizer_windows(len(train_examples), cfg, world_size, lengths)):
             if step < state.step:
@@ -381,6 +421,8 @@ def fit(
                 raise interruption(stop, state.step, session.save(ctx)) from None
             session.tokens_seen += tokens
             record = finish_step(ctx, session, step, epoch, step_loss, after_optimizer_step, total_steps)
+            if batching is not None:
+                record.update(batching.step_metrics())
             if val_examples and (state.step % eval_every == 0 or state.step == total_steps):
                 validate(ctx, session, record, val_examples, score_generation)
             progress.update(None if record.get("skipped") else record)

@@ -19,6 +19,7 @@ from tunewright.kernels.attention import (
     packed_row_capacity,
 )
 from tunewright.kernels.cpu_training import fast_dropout, fast_rms_norm, reuse_freed_memory
+from tunewright.kernels.gpu_training import activation_offload, compile_decoder_layers, decoder_layers
 from tunewright.kernels.onednn_training import onednn_frozen_linears
 from tunewright.kernels.precision import autocast_for, frozen_weights_in_bf16, mixed_precision_for
 
@@ -33,14 +34,27 @@ class TrainingKernels:
 
 
 @contextmanager
-def training_kernels(objective: nn.Module, precision: str, device: torch.device,
-                     packing: bool) -> Iterator[TrainingKernels]:
+def compiled_layers(model: nn.Module) -> Iterator[None]:
+    """trainer.compile: each decoder layer compiled while training; the saved and served model is the plain one."""
+    compiled = compile_decoder_layers(model)
+    try:
+        yield
+    finally:
+        for layer in decoder_layers(model)[:compiled]:
+            layer._compiled_call_impl = None  # what nn.Module.compile set; None is its "not compiled" value
+
+
+@contextmanager
+def training_kernels(objective: nn.Module, precision: str, device: torch.device, packing: bool,
+                     compile_layers: bool = False, offload_activations: bool = False) -> Iterator[TrainingKernels]:
     """Enter the speed paths for training `objective` (a model plus its loss) on `device`.
 
     - packing: per-sample attention through transformers' attention registry (kernels/attention.py);
     - bf16: autocast, with frozen weights held in bf16 (precision.py);
     - on CPU: a cheaper dropout mask, a leaner frozen RMSNorm, freed memory kept by glibc, and in
-      fp32 the frozen linear layers on oneDNN (cpu_training.py, onednn_training.py).
+      fp32 the frozen linear layers on oneDNN (cpu_training.py, onednn_training.py);
+    - asked for by the settings, on any device: torch.compile of the decoder layers and activation
+      offload to CPU memory (gpu_training.py).
 
     `TUNEWRIGHT_KERNELS=off` keeps only what the settings ask for (packing, precision) on the stock
     code (switches.py). Everything entered here is restored on exit, in reverse order.
@@ -58,7 +72,12 @@ def training_kernels(objective: nn.Module, precision: str, device: torch.device,
                 row_capacity = None if attention_implementation(model) in NATIVE_VARLEN else MASKED_ROW_TOKENS
         if fast:
             stack.enter_context(frozen_weights_in_bf16(objective, precision, device))
-        if fast and device.type == "cpu":
+        if compile_layers:
+            stack.enter_context(compiled_layers(model))
+        stack.enter_context(activation_offload(offload_activations, device))
+        # The CPU paths replace module forwards, which torch.compile would trace through or break on:
+        # a compiled layer fuses its own dropout, norms and linears instead.
+        if fast and device.type == "cpu" and not compile_layers:
             stack.enter_context(reuse_freed_memory())
             stack.enter_context(fast_dropout(objective))
             stack.enter_context(fast_rms_norm(objective))

@@ -21,7 +21,13 @@ from tunewright.data import encode_prompts
 from tunewright.model import CONTEXT_SAFETY_MARGIN
 from tunewright.serving.errors import APIError
 from tunewright.serving.pool import ServedModel
-from tunewright.serving.rendering import chat_input_value, refuse_category, rendered_prompt_ids, renders_prompts
+from tunewright.serving.rendering import (
+    chat_input_value,
+    conversation_prompt_ids,
+    refuse_category,
+    rendered_prompt_ids,
+    renders_prompts,
+)
 
 # One request may ask for at most this many prompts x choices (each is a batch row).
 MAX_ROWS_PER_REQUEST = 128
@@ -282,6 +288,8 @@ def chat_prompt_ids(served: ServedModel, body: ChatRequest) -> list[int]:
     the base model): the conversation through the tokenizer's chat template as it is."""
     messages = [message.as_template_message() for message in body.messages]
     if renders_prompts(served, body.raw_prompt):
+        if served.tuned.config.conversation is not None:
+            return conversation_prompt_ids(served, messages)
         return rendered_prompt_ids(served, [chat_input_value(served, messages)], "messages")[0]
     tokenizer = served.request_tokenizer
     if tokenizer.chat_template is None:

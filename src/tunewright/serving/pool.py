@@ -21,6 +21,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunewright import loading
+from tunewright.chat_templates import set_run_template
 from tunewright.config import GenerationSettings, TunewrightConfig, load_config
 from tunewright.errors import TunewrightError
 from tunewright.heads import load_vocabulary
@@ -200,7 +201,9 @@ class _PoolBuilder:
         if config.output_feature.type == "category":  # from_config checks and attaches the labels
             tuned = loading.from_config(config)
         else:
-            tuned = TunedModel(self.base_for(config).model, self.base_for(config).loaded.tokenizer, config)
+            tokenizer = copy.deepcopy(self.base_for(config).loaded.tokenizer)  # the config's chat template is its own
+            set_run_template(config, tokenizer)
+            tuned = TunedModel(self.base_for(config).model, tokenizer, config)
         self.add(ServedModel(name, tuned, None, None, defaults=config.generation), str(path))
 
     def add_bases(self) -> None:

@@ -6,12 +6,17 @@ is the value of the run's one input column, rendered through `prompt.template` (
 of the tokenizer's chat template. A request that cannot be rendered that way gets a 400 saying why;
 `"raw_prompt": true` asks for the text as it is instead. The base model of a group of adapters has
 no config of its own, so it always takes text as it is.
+
+A conversation run (a `conversation:` section) takes whole chats: /v1/chat/completions renders the messages
+through the run's chat template (RUN/chat_template.jinja) ready for the assistant's reply, as predict renders a
+conversation's history; /v1/completions refuses text for it.
 """
 
 from __future__ import annotations
 
 import pandas as pd
 
+from tunewright.chat_data import chat_prompt_ids, history_of
 from tunewright.data import encode_prompts, render_prompts
 from tunewright.errors import TunewrightError
 from tunewright.serving.errors import APIError
@@ -39,6 +44,13 @@ def refuse_category(served: ServedModel) -> None:
 def input_column(served: ServedModel) -> str:
     """The one column a request's text fills; a 400 where the run needs something else."""
     refuse_category(served)
+    if served.tuned.config.conversation is not None:
+        raise APIError(
+            400,
+            f"model: '{served.name}' was trained on conversations; send messages to /v1/chat/completions, "
+            f"{RAW_HINT}",
+            param="model",
+        )
     columns = served.tuned.config.input_columns
     if len(columns) != 1:
         raise APIError(
@@ -91,3 +103,20 @@ def chat_input_value(served: ServedModel, messages: list[dict[str, str]]) -> str
             param="messages",
         )
     return messages[0]["content"]
+
+
+def conversation_prompt_ids(served: ServedModel, messages: list[dict[str, str]]) -> list[int]:
+    """A conversation run: the messages through the run's chat template, as predict renders a history."""
+    if messages[-1]["role"] == "assistant":
+        raise APIError(400, "messages: the last message is an assistant turn; end with a user message",
+                       param="messages")
+    try:
+        history = history_of(messages, served.tuned.config.prompt.reasoning)
+        ids = chat_prompt_ids(served.request_tokenizer, [history])[0]
+    except Exception as error:  # jinja raises TemplateError (or anything the template raises itself)
+        raise APIError(400, f"messages: the chat template refused them ({error})", param="messages") from None
+    limit = served.tuned.max_input_len
+    if len(ids) > limit:
+        raise APIError(400, f"messages: the rendered conversation has {len(ids)} tokens; '{served.name}' reads at "
+                       f"most {limit}; shorten it", param="messages", code="context_length_exceeded")
+    return ids
