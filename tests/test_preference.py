@@ -132,6 +132,20 @@ def test_truncation_keeps_the_prompt_end_and_never_cuts_a_response(tokenizer) ->
     assert tokenizer.decode(example.chosen_ids) == " ok<|im_end|>"  # whole, with EOS
 
 
+def test_a_conversation_prompt_is_rendered_whole_through_the_chat_template(tokenizer) -> None:
+    """A prompt column of OpenAI messages (a list, or its JSON text) becomes the whole conversation, ready to answer."""
+    config = validate_config({"input_features": [{"name": "prompt"}], "output_features": [{"name": "chosen"}],
+                              "adapter": {"type": "lora"}, "trainer": {"type": "dpo"},
+                              "prompt": {"use_chat_template": True}})
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+             {"role": "user", "content": "name a pet"}]
+    expected = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+    for cell in (turns, json.dumps(turns)):
+        frame = pd.DataFrame({"prompt": [cell], "chosen": [" cat"], "rejected": [" rock"]})
+        example = build_preference_examples(frame, config, tokenizer, DataCounts(rows=1), "pairs").examples[0]
+        assert tokenizer.decode(example.prompt_ids) == expected
+
+
 def test_kto_labels_are_booleans_and_bad_ones_are_refused() -> None:
     config = validate_config({"input_features": [{"name": "prompt"}], "output_features": [{"name": "completion"}],
                               "adapter": {"type": "lora"}, "trainer": {"type": "kto"}})

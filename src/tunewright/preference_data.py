@@ -22,7 +22,7 @@ import pandas as pd
 from transformers import PreTrainedTokenizerBase
 
 from tunewright.config import TunewrightConfig
-from tunewright.conversations import from_transcript
+from tunewright.conversations import detect_cell_format, from_transcript, parse_conversation
 from tunewright.data import IGNORE_INDEX, _is_missing, check_columns, encode_prompts, render_prompts
 from tunewright.errors import DataError
 
@@ -139,6 +139,15 @@ def encode_preference_prompts(frame: pd.DataFrame, config: TunewrightConfig,
                                                add_generation_prompt=True, tokenize=False)
                  for row, text in enumerate(frame[column])]
         return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    if config.prompt.use_chat_template and len(config.input_columns) == 1 and len(frame):
+        column = config.input_columns[0]
+        cell_format = detect_cell_format(frame[column].iloc[0], column)
+        if cell_format in ("messages", "sharegpt"):  # the prompt is a conversation: render it whole
+            texts = [tokenizer.apply_chat_template(parse_conversation(cell, cell_format, row, column,
+                                                                      require_assistant_last=False),
+                                                   add_generation_prompt=True, tokenize=False)
+                     for row, cell in enumerate(frame[column])]
+            return tokenizer(texts, add_special_tokens=False)["input_ids"]
     return encode_prompts(render_prompts(frame, config), tokenizer, config.prompt.use_chat_template)
 
 
