@@ -7,8 +7,8 @@ import logging
 import re
 from pathlib import Path
 
+import pandas as pd
 import pytest
-from test_conversations import HH_RLHF
 
 from tunewright import api
 from tunewright.chat_data import (
@@ -20,7 +20,7 @@ from tunewright.chat_data import (
 )
 from tunewright.chat_templates import CHATML, LLAMA3, end_of_turn_id, run_template, set_run_template
 from tunewright.config import validate_config
-from tunewright.data import IGNORE_INDEX, read_table
+from tunewright.data import IGNORE_INDEX
 from tunewright.errors import ConfigError, DataError
 from tunewright.run import sealed_files
 
@@ -174,7 +174,11 @@ def test_train_refuses_data_with_nothing_to_train(tiny_model_dir, tmp_path):
 
 
 def test_hh_rlhf_transcripts_are_detected(tiny_model_dir, tokenizer):
-    frame = read_table(HH_RLHF).head(5)
+    """Transcripts written as in ../shared/data/hh-rlhf-harmless (inline, so the test never needs that folder)."""
+    frame = pd.DataFrame({"chosen": [
+        "\n\nHuman: What is a fig?\n\nAssistant: A sweet fruit.",
+        "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Name an owl.\n\nAssistant: The barn owl.",
+    ]})
     config = validate_config(chat_config(tiny_model_dir, conversation={"column": "chosen"}))
     conversations = frame_conversations(frame, config.conversation)
     assert all(m[0]["role"] == "user" and m[-1]["role"] == "assistant" for m in conversations)
@@ -183,16 +187,12 @@ def test_hh_rlhf_transcripts_are_detected(tiny_model_dir, tokenizer):
 
 def test_sharegpt_and_json_string_cells(tiny_model_dir):
     config = validate_config(chat_config(tiny_model_dir, conversation={"column": "conversations"}))
-    import pandas as pd
-
     cell = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]
     frame = pd.DataFrame({"conversations": [cell, json.dumps(cell)]})
     assert frame_conversations(frame, config.conversation) == [TWO_TURNS[:2]] * 2
 
 
 def test_missing_column_and_unknown_role_name_the_row(tiny_model_dir):
-    import pandas as pd
-
     config = validate_config(chat_config(tiny_model_dir))
     with pytest.raises(DataError, match="dataset: column 'messages' not found"):
         frame_conversations(pd.DataFrame({"text": ["a"]}), config.conversation)
