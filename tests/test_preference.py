@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -19,6 +16,7 @@ import torch
 import yaml
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file
+from test_resume import signal_at_forward
 from typer.testing import CliRunner
 
 from tunewright import api
@@ -235,24 +233,6 @@ def test_reference_cache_is_reused_and_invalidated(tiny_model_dir: Path, tmp_pat
     assert log_lines(tmp_path / "e")[-1]["loss"] == log_lines(tmp_path / "a")[-1]["loss"]
 
 
-@contextmanager
-def signal_at_preference_forward(call: int, signal_number: int) -> Iterator[None]:
-    calls = 0
-
-    def hook(module: torch.nn.Module, _args: object) -> None:
-        nonlocal calls
-        if isinstance(module, PreferenceObjective) and module.training:
-            calls += 1
-            if calls == call:
-                os.kill(os.getpid(), signal_number)
-
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 def test_interrupted_dpo_run_resumes_bit_exact(tiny_model_dir: Path, tmp_path: Path) -> None:
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(preference_config(tiny_model_dir, trainer={"checkpoint_steps": 1})))
@@ -263,7 +243,7 @@ def test_interrupted_dpo_run_resumes_bit_exact(tiny_model_dir: Path, tmp_path: P
     assert runner.invoke(app, ["--quiet", "train", "-c", str(config_path), "-d", str(data), "-o",
                                str(straight)]).exit_code == 0
     out = tmp_path / "runs" / "resumed"
-    with signal_at_preference_forward(4, signal.SIGTERM):
+    with signal_at_forward(4, signal.SIGTERM, PreferenceObjective):
         result = runner.invoke(app, ["--quiet", "train", "-c", str(config_path), "-d", str(data), "-o", str(out)])
     assert result.exit_code == 143, result.output
     result = runner.invoke(app, ["--quiet", "train", "-c", str(config_path), "-d", str(data), "-o", str(out),

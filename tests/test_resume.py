@@ -102,13 +102,14 @@ def straight_run(resume_config: Path, data_csv: Path, tmp_path: Path) -> Path:
 
 
 @contextmanager
-def signal_at_forward(call: int, signal_number: int) -> Iterator[None]:
-    """Send `signal_number` to this process just before the `call`-th training forward pass."""
+def signal_at_forward(call: int, signal_number: int,
+                      objective_type: type[torch.nn.Module] = LanguageModelObjective) -> Iterator[None]:
+    """Send `signal_number` to this process just before the `call`-th training forward pass of an `objective_type`."""
     calls = 0
 
     def hook(module: torch.nn.Module, _args: object) -> None:
         nonlocal calls
-        if isinstance(module, LanguageModelObjective) and module.training:
+        if isinstance(module, objective_type) and module.training:
             calls += 1
             if calls == call:
                 os.kill(os.getpid(), signal_number)
