@@ -100,6 +100,13 @@ def pairs_frame(prompt: str = "say {}:") -> pd.DataFrame:
                          "rejected": [f" {w[::-1]}!" for w in WORDS]})
 
 
+def trl_first_loss(trainer, ours):  # noqa: ANN001, ANN201
+    """TRL's loss on the whole dataset as one batch, with our LoRA weights copied into its adapter first."""
+    same_lora_weights(trainer, ours)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
+    return trainer.compute_loss(trainer.model, batch), batch
+
+
 @pytest.mark.parametrize("shared", [True, False], ids=["prompt-once", "separate-rows"])
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
 def test_dpo_first_step_matches_trl(tmp_path: Path, loss_type: str, shared: bool) -> None:
@@ -112,10 +119,7 @@ def test_dpo_first_step_matches_trl(tmp_path: Path, loss_type: str, shared: bool
                                                              max_length=None),
                                  train_dataset=datasets.Dataset.from_pandas(frame), processing_class=build_tokenizer(),
                                  peft_config=LORA)
-        same_lora_weights(trainer, ours)
-        rows = [trainer.train_dataset[i] for i in range(len(frame))]
-        their_batch = trainer.data_collator(rows)
-        their_loss = trainer.compute_loss(trainer.model, their_batch)
+        their_loss, their_batch = trl_first_loss(trainer, ours)
     their_loss.backward()
     loss, batch = our_step(ours, frame, "dpo", shared, beta=beta, loss_type=loss_type)
     assert batch["input_ids"].tolist() == their_batch["input_ids"].tolist()
@@ -139,10 +143,7 @@ def test_orpo_first_step_matches_trl(tmp_path: Path) -> None:
         trainer = ORPOTrainer(model=theirs, args=trl_args(ORPOConfig, tmp_path, beta=weight, max_length=64),
                               train_dataset=datasets.Dataset.from_pandas(frame), processing_class=build_tokenizer(),
                               peft_config=LORA)
-        same_lora_weights(trainer, ours)
-        rows = [trainer.train_dataset[i] for i in range(len(frame))]
-        their_batch = trainer.data_collator(rows)
-        their_loss = trainer.compute_loss(trainer.model, their_batch)
+        their_loss, their_batch = trl_first_loss(trainer, ours)
     their_loss.backward()
     loss, batch = our_step(ours, frame, "orpo", orpo_lambda=weight)
     chosen_rows = batch["input_ids"][: len(frame)]
@@ -164,10 +165,7 @@ def test_kto_first_step_matches_trl(tmp_path: Path) -> None:
                                                              desirable_weight=1.0, undesirable_weight=1.5),
                                  train_dataset=datasets.Dataset.from_pandas(their_frame),
                                  processing_class=build_tokenizer(), peft_config=LORA)
-        same_lora_weights(trainer, ours)
-        rows = [trainer.train_dataset[i] for i in range(len(frame))]
-        their_batch = trainer.data_collator(rows)
-        their_loss = trainer.compute_loss(trainer.model, their_batch)
+        their_loss, their_batch = trl_first_loss(trainer, ours)
     their_loss.backward()
     loss, batch = our_step(ours, frame, "kto", beta=beta, kto_undesirable_weight=1.5)
     assert batch["input_ids"][: len(frame)].tolist() == their_batch["input_ids"].tolist()
