@@ -22,6 +22,7 @@ from tunewright import api
 from tunewright.chat_data import conversation_examples
 from tunewright.config import ServeSettings
 from tunewright.data import IGNORE_INDEX
+from tunewright.errors import ConfigError
 from tunewright.generate import stop_token_ids
 from tunewright.model import resolve_model_source
 from tunewright.serving.app import create_app
@@ -43,6 +44,16 @@ HELD_OUT = [
     [{"role": "user", "content": "Name a colour"}, {"role": "assistant", "content": "Red."},
      {"role": "user", "content": "Another"}, {"role": "assistant", "content": "Blue."},
      {"role": "user", "content": "One more, please"}, {"role": "assistant", "content": "Green."}],
+    # reasoning: strip drops the <think> blocks of history turns, in training and in every template alike
+    [{"role": "user", "content": "3 * 3?"}, {"role": "assistant", "content": "<think>3 threes</think>\n9."},
+     {"role": "user", "content": "And 3 + 3?"}, {"role": "assistant", "content": "<think>add</think> 6."}],
+]
+TOOL_CHAT = [
+    {"role": "user", "content": "Weather in Oslo?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}]},
+    {"role": "tool", "tool_call_id": "c1", "name": "weather", "content": "drizzle"},
+    {"role": "assistant", "content": "It rains."},
 ]
 
 
@@ -66,7 +77,7 @@ def run(request: pytest.FixtureRequest, base_dir: Path, tmp_path_factory: pytest
     config = {
         "base_model": str(base_dir),
         "conversation": {},
-        "prompt": {"chat_template": TEMPLATES[request.param]},
+        "prompt": {"chat_template": TEMPLATES[request.param], "reasoning": "strip"},
         "adapter": {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
         "trainer": {"max_steps": 1, "batch_size": 4, "learning_rate": 0.01, "precision": "fp32"},
         "generation": {"max_new_tokens": 4},
@@ -90,7 +101,7 @@ def last_reply_start(labels: list[int]) -> int:
     return position
 
 
-@pytest.mark.parametrize("conversation", HELD_OUT, ids=["two-turns", "system", "three-turns"])
+@pytest.mark.parametrize("conversation", HELD_OUT, ids=["two-turns", "system", "three-turns", "reasoning"])
 def test_prompt_ids_are_identical_everywhere(run: dict, conversation: list[dict]) -> None:
     tuned = run["tuned"]
     history = conversation[:-1]
@@ -108,6 +119,32 @@ def test_prompt_ids_are_identical_everywhere(run: dict, conversation: list[dict]
     assert server == predicted
     assert list(plain) == predicted
     assert exported.chat_template == tuned.tokenizer.chat_template
+
+
+def test_history_reasoning_is_stripped_everywhere(run: dict) -> None:
+    """The exported template alone strips history's <think> blocks, as training and predict do."""
+    history = HELD_OUT[3][:-1]
+    exported = AutoTokenizer.from_pretrained(run["export"])
+    text = exported.apply_chat_template(history, add_generation_prompt=True, tokenize=False)
+    assert "<think>" not in text and "9." in text
+    assert exported(text, add_special_tokens=False)["input_ids"] == run["tuned"].encode_conversations([history])[0]
+
+
+def test_tool_calls_render_alike_in_training_predict_and_export(run: dict) -> None:
+    """Named templates write tool calls and results; the tokenizer's own (SmolLM2's) drops the calls: refused."""
+    tuned = run["tuned"]
+    if run["name"] == "own":
+        with pytest.raises(ConfigError, match="turn 2 has tool calls \\(weather\\) that the template drops"):
+            conversation_examples(tuned.tokenizer, [TOOL_CHAT], tuned.config, 10_000)
+        return
+    [example], _ = conversation_examples(tuned.tokenizer, [TOOL_CHAT], tuned.config, 10_000)
+    predicted = tuned.encode_conversations([TOOL_CHAT])[0]
+    exported = AutoTokenizer.from_pretrained(run["export"])
+    plain = exported.apply_chat_template(TOOL_CHAT[:-1], add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert example.input_ids[: len(predicted)] == predicted == list(plain)
+    trained = tuned.tokenizer.decode([label for label in example.labels if label != IGNORE_INDEX])
+    assert '"weather"' in trained and "Oslo" in trained and "drizzle" not in trained
+    assert '"weather"' in tuned.tokenizer.decode(predicted) and "drizzle" in tuned.tokenizer.decode(predicted)
 
 
 def test_stop_tokens_are_the_trained_end_of_turn(run: dict) -> None:

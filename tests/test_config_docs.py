@@ -17,7 +17,7 @@ def test_config_reference_names_every_key_and_default() -> None:
     reference = config_reference()
     for name in TunewrightConfig.model_fields["trainer"].annotation.model_fields:
         assert f"| `{name}` |" in reference
-    assert "| `learning_rate` | float | `0.0002` |" in reference
+    assert "| `learning_rate` | float or null | null |" in reference
     assert "| `input_features` | list of mapping (its section below) | required |" in reference
 
 
@@ -33,7 +33,7 @@ def test_the_cli_prints_the_reference_and_resolved_configs(tmp_path: Path) -> No
     source = tmp_path / "c.yaml"
     source.write_text("input_features: [{name: q}]\noutput_features: [{name: a}]\n", encoding="utf-8")
     resolved = runner.invoke(app, ["config", str(source)])
-    assert resolved.exit_code == 0 and "learning_rate: 0.0002" in resolved.stdout
+    assert resolved.exit_code == 0 and "learning_rate: 2.0e-05" in resolved.stdout  # no adapter: full fine-tuning
     printed = tmp_path / "resolved.yaml"
     printed.write_text(resolved.stdout, encoding="utf-8")
     assert config_to_dict(load_config(printed)) == config_to_dict(load_config(source))

@@ -164,6 +164,38 @@ def test_category_run_exports_with_a_note_on_label_scoring(smol_base: Path, tmp_
     assert "# The run scores labels" in modelfile and "cat" in modelfile
 
 
+def train_conversation_run(base: Path, folder: Path, prompt: dict) -> Path:
+    rows = [{"messages": [{"role": "user", "content": word}, {"role": "assistant", "content": word}]}
+            for word in ["cat", "dog", "sun", "sea"]]
+    tunewright.train({"base_model": str(base), "conversation": {}, "prompt": prompt,
+                      "adapter": {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+                      "trainer": {"max_steps": 1, "batch_size": 4, "precision": "fp32"},
+                      "generation": {"max_new_tokens": 3}, "preprocessing": {"split": [1.0, 0.0, 0.0]}},
+                     rows, folder, show_progress=False)
+    return folder
+
+
+def test_conversation_run_exports_for_ollama(smol_base: Path, tmp_path: Path) -> None:
+    """SmolLM2's own template is ChatML with a default system prompt: the Modelfile renders whole chats as it."""
+    run = train_conversation_run(smol_base, tmp_path / "run", {})
+    out = export_cli(run, tmp_path / "ollama", "--format", "ollama", "--quantization", "q8_0")
+    modelfile = (out / "Modelfile").read_text()
+    template = modelfile.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    tokenizer = AutoTokenizer.from_pretrained(out, gguf_file="ollama-q8_0.gguf")
+    chats = [TWO_TURNS, [{"role": "system", "content": "Be brief."}, *TWO_TURNS]]
+    for chat in chats:
+        assert go_render(template, chat) == render_chat(tokenizer.chat_template, tokenizer, chat)
+    assert 'PARAMETER stop "<|im_end|>"\n' in modelfile and "# Send the whole conversation as messages" in modelfile
+
+
+def test_conversation_run_that_ollama_cannot_render_is_refused(smol_base: Path, tmp_path: Path) -> None:
+    run = train_conversation_run(smol_base, tmp_path / "run", {"reasoning": "strip"})
+    result = runner.invoke(app, ["export", "-m", str(run), "-o", str(tmp_path / "o"), "--format", "ollama"])
+    assert result.exit_code == 7, result.output
+    assert "prompt.reasoning strip removes <think> blocks from history" in result.output
+    assert not (tmp_path / "o").exists()
+
+
 def test_classifier_head_run_is_refused(smol_base: Path, tmp_path: Path) -> None:
     run = train_tiny_run(smol_base, tmp_path / "run", {"max_steps": 1},
                          output_features=[{"name": "echo", "type": "category", "decoder": "classifier"}])

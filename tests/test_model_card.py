@@ -9,7 +9,8 @@ import pytest
 import yaml
 from conftest import train_tiny_run
 
-from tunewright.model_card import hub_id
+from tunewright.config import validate_config
+from tunewright.model_card import card_text, hub_id
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -62,3 +63,25 @@ def test_the_readme_names_every_file_a_run_writes(lora_run: Path, classifier_run
             name = path.name + ("/" if path.is_dir() else "")
             shown = re.sub(r"confusion_matrix_\w+\.png", "confusion_matrix_<split>.png", name)
             assert f"`{shown}" in table, f"README's run-folder table does not name {name}"
+
+
+def test_a_conversation_card_shows_the_chat_format(tiny_model_dir: Path) -> None:
+    config = validate_config({
+        "base_model": str(tiny_model_dir), "conversation": {"column": "chat", "train_on": "last_assistant"},
+        "prompt": {"chat_template": "llama3", "system_prompt": "Be brief.", "reasoning": "strip"},
+    })
+    card = card_text(config, {"training": {"type": "finetune", "steps": 3}}, "chats.jsonl", {"train": 4})
+    assert "{chat}" not in card and "## Prompt" not in card
+    assert "- **Task:** conversations in column `chat` → assistant turns" in card
+    conversation = card.split("## Conversations", 1)[1].split("\n## ", 1)[0]
+    for line in ["- **Format:** auto (detected from the data), column `chat`",
+                 "- **Chat template:** `llama3` (tunewright's named template), saved as chat_template.jinja",
+                 "- **Trained tokens:** last_assistant, with the end of turn", "- **System prompt:** Be brief.",
+                 "- **Reasoning:** strip"]:
+        assert line in conversation
+    own = validate_config({"base_model": str(tiny_model_dir), "conversation": {"format": "messages",
+                                                                               "train_eos": False}})
+    card = card_text(own, {}, "chats.jsonl", {"train": 4})
+    assert "- **Chat template:** the base model tokenizer's own, saved as chat_template.jinja" in card
+    assert "- **System prompt:** none" in card and "- **Format:** messages, column `messages`" in card
+    assert "all_assistant, without the end of turn" in card

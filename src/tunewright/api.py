@@ -18,11 +18,13 @@ from tunewright.config import TunewrightConfig, load_config
 from tunewright.data import (
     Dataset,
     as_frame,
+    few_shot_pool,
     write_table,
 )
 from tunewright.errors import ConfigError, DataError, RunFolderError, TrainingInterrupted, TunewrightError
 from tunewright.evaluate import evaluate_frame, write_confusion_matrix
 from tunewright.export import ExportDtype, export_model, export_run
+from tunewright.few_shot import save_index
 from tunewright.fine_tune import category_vocabulary, fine_tune, load_splits, split_metrics
 from tunewright.gguf_export import ExportFormat, Quantization, export_gguf_format
 from tunewright.heads import (
@@ -156,6 +158,7 @@ def train(
     config = continue_reference(config, previous_run)
     splits = load_splits(config, dataset, validation)
     vocabulary = category_vocabulary(config, splits)
+    few_shot = few_shot_pool(splits.train, config)
     run_dir = Path(output_dir)
     if resume and overwrite:
         raise RunFolderError(f"{run_dir}: pass either --resume or --overwrite, not both")
@@ -176,14 +179,14 @@ def train(
         set_run_template(config, loaded.tokenizer)  # saved with the tokenizer: every later step renders with it
         started = time.perf_counter()
         if config.trainer.type == "none":
-            tuned = TunedModel(loaded.model, loaded.tokenizer, config)
+            tuned = TunedModel(loaded.model, loaded.tokenizer, config, few_shot=few_shot)
             if vocabulary is not None:
                 attach_category(tuned, vocabulary)
             summary: dict[str, Any] = {"type": "none"}
             log.info("trainer.type is none: nothing is trained and no weights are saved")
         else:
             tuned, summary = fine_tune(config, loaded, splits, vocabulary, previous_run, accelerator, run_dir,
-                                        fingerprint, checkpoint, show_progress, on_validation)
+                                        fingerprint, checkpoint, show_progress, on_validation, few_shot)
         summary["seconds"] = time.perf_counter() - started
         tuned.model.eval()
         metrics = cast(TrainMetrics, {"training": summary,
@@ -193,6 +196,8 @@ def train(
             if tuned.labels is not None:
                 save_category_state(run_dir, tuned.labels, tuned.classifier.head if tuned.classifier else None)
             loaded.tokenizer.save_pretrained(run_dir)
+            if tuned.few_shot is not None:
+                save_index(tuned.few_shot, run_dir)
             write_metrics(run_dir, dict(metrics))
             write_model_card(run_dir, config, dict(metrics), _data_name(dataset), {
                 "train": len(splits.train), "validation": len(splits.validation), "test": len(splits.test)})

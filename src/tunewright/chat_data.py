@@ -20,7 +20,7 @@ from tunewright.chat_masks import build_chat_example
 from tunewright.config import ConversationConfig, TunewrightConfig
 from tunewright.conversations import detect_cell_format, parse_conversation, strip_reasoning
 from tunewright.data import IGNORE_INDEX, Example, check_columns
-from tunewright.errors import DataError
+from tunewright.errors import ConfigError, DataError
 from tunewright.generate import end_token_ids
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,8 @@ def mask_row(tokenizer: PreTrainedTokenizerBase, messages: Messages, config: Tun
     except jinja2.TemplateError as error:
         raise DataError(f"data row {row}: the chat template refused the conversation ({error}); fix the row or "
                         "set prompt.chat_template") from None
+    except ConfigError as error:  # the template drops or rewrites this row's turns: name the row
+        raise ConfigError(f"data row {row}: {error}") from None
     turns_cut = sum(1 for end in example["turn_ends"] if end > max_len)
     return MaskedRow(example["input_ids"][:max_len], example["train"][:max_len], any(example["train"]), turns_cut)
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from tunewright.chat_templates import turn_closing
 from tunewright.conversations import strip_reasoning
 from tunewright.errors import ConfigError
 
@@ -48,11 +49,29 @@ def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: Messages, chat
                 "drops history, e.g. strips <think>); set reasoning: strip or pick another template"
             )
         if message["role"] == "assistant":
+            _check_calls_rendered(message, current[len(previous):], i, template_name)
             spans.append(_turn_span(tokenizer, messages[:i], message, previous, current, chat_template, train_eos))
         if turn_ends is not None:
             turn_ends.append(len(current))
         previous = current
     return full, spans
+
+
+def _call_names(message: dict[str, Any]) -> list[str]:
+    """The function names of an assistant turn's tool calls (OpenAI's {"function": {...}} or the bare function)."""
+    calls = message.get("tool_calls") or []
+    return [str((call.get("function") or call).get("name", "")) for call in calls if isinstance(call, dict)]
+
+
+def _check_calls_rendered(message: dict[str, Any], turn_text: str, index: int, template_name: str) -> None:
+    """Refuse a template that drops a turn's tool calls: the model would learn to answer without them."""
+    missing = [name for name in _call_names(message) if name not in turn_text]
+    if missing:
+        raise ConfigError(
+            f"chat template {template_name}: turn {index + 1} has tool calls ({', '.join(missing)}) that the "
+            "template drops; set prompt.chat_template to chatml, llama3 or mistral, or a Jinja file that renders "
+            "tool_calls"
+        )
 
 
 def _turn_span(tokenizer: PreTrainedTokenizerBase, history: Messages, message: dict[str, Any], previous: str,
@@ -65,7 +84,13 @@ def _turn_span(tokenizer: PreTrainedTokenizerBase, history: Messages, message: d
     if content_at >= 0:
         # a template without a generation prompt leaves the role header in the turn: skip it too
         start = content_at
-    if content_at >= 0:
+    if message.get("tool_calls"):  # the calls follow the reply's text: everything up to the turn's closing trains
+        turn = current.rstrip()
+        if content_at < 0:
+            start += len(turn[start:]) - len(turn[start:].lstrip())
+        closing = turn_closing(tokenizer, chat_template or str(tokenizer.chat_template))
+        content_end = len(turn) - len(closing) if closing and turn.endswith(closing) else len(turn)
+    elif content_at >= 0:
         content_end = content_at + len(content)
     else:  # an empty reply has no text to train; a reply the template rewrote trains its whole turn
         content_end = start if not content else len(current.rstrip())

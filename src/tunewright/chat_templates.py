@@ -17,6 +17,11 @@ from typing import TYPE_CHECKING
 import jinja2
 
 from tunewright.errors import ConfigError
+from tunewright.named_templates import CHATML as CHATML  # re-exported: the names users and tests know
+from tunewright.named_templates import LLAMA3 as LLAMA3
+from tunewright.named_templates import MISTRAL as MISTRAL
+from tunewright.named_templates import NAMED_TEMPLATES as NAMED_TEMPLATES
+from tunewright.named_templates import STRIP_REASONING
 
 log = logging.getLogger(__name__)
 
@@ -25,36 +30,6 @@ if TYPE_CHECKING:  # config.py imports this module; `tunewright validate` must n
 
     from tunewright.config import TunewrightConfig
 
-# Written for tunewright after each family's published format; `add_generation_prompt` opens the assistant turn.
-CHATML = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-)
-LLAMA3 = (
-    "{{- bos_token -}}"
-    "{%- for message in messages -%}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
-    " + '<|eot_id|>' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"
-)
-# Mistral instruct: no system role, so a system message is folded into the first user turn.
-MISTRAL = (
-    "{%- if messages and messages[0]['role'] == 'system' -%}"
-    "{%- set system = messages[0]['content'] + '\\n\\n' -%}{%- set messages = messages[1:] -%}"
-    "{%- else -%}{%- set system = '' -%}{%- endif -%}"
-    "{{- bos_token -}}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'user' -%}"
-    "{{- '[INST] ' + (system if loop.first else '') + message['content'] + ' [/INST]' -}}"
-    "{%- elif message['role'] == 'assistant' -%}{{- ' ' + message['content'] + eos_token -}}"
-    "{%- else -%}{{- raise_exception('the mistral template takes user and assistant turns only') -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-)
-NAMED_TEMPLATES = {"chatml": CHATML, "llama3": LLAMA3, "mistral": MISTRAL}
 TEMPLATE_SUFFIXES = (".jinja", ".j2")
 WHERE = "prompt.chat_template"
 
@@ -111,7 +86,10 @@ def run_template(config: TunewrightConfig, tokenizer: PreTrainedTokenizerBase) -
             raise ConfigError(f"{WHERE}: the tokenizer of {config.base_model} has no chat template; name one "
                               f"({', '.join(NAMED_TEMPLATES)}) or give a Jinja file")
         return None
-    return with_system_prompt(template, prompt.system_prompt) if prompt.system_prompt else template
+    if prompt.system_prompt:
+        template = with_system_prompt(template, prompt.system_prompt)
+    # training strips reasoning from history in Python; the saved template must too, for plain transformers
+    return STRIP_REASONING + template if prompt.reasoning == "strip" else template
 
 
 def set_run_template(config: TunewrightConfig, tokenizer: PreTrainedTokenizerBase) -> None:

@@ -65,6 +65,7 @@ class TrainerState:
     skipped_steps: list[int] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
     fingerprint: dict[str, str] = field(default_factory=dict)
+    time_budget: dict[str, float] | None = None  # the step count trainer.time_budget chose (kept on resume)
 
 
 @dataclass

@@ -14,7 +14,14 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from tunewright.config_data import ConversationConfig, InputFeature, OutputFeature, PreprocessingConfig, PromptConfig
+from tunewright.config_data import (
+    ConversationConfig,
+    FewShotConfig,
+    InputFeature,
+    OutputFeature,
+    PreprocessingConfig,
+    PromptConfig,
+)
 from tunewright.config_messages import describe, section_class, unknown_key_hint
 from tunewright.config_runtime import (
     MIN_TEMPERATURE,
@@ -42,6 +49,7 @@ from tunewright.config_training import (
     TuneConfig,
     TuneRange,
     TuneValue,
+    default_learning_rate,
 )
 from tunewright.config_yaml import read_yaml
 from tunewright.errors import ConfigError
@@ -94,6 +102,8 @@ class TunewrightConfig(Section):
         template_problems = _conversation_problems(self) if self.conversation else _template_problems(self)
         refuse("TunewrightConfig", [*_structure_problems(self), *template_problems, *_ignored_settings(self),
                                     *_tune_problems(self), *_preference_problems(self)])
+        if self.trainer.learning_rate is None:  # resolved here, so the saved config records the rate used
+            self.trainer = self.trainer.model_copy(update={"learning_rate": default_learning_rate(self.adapter)})
         return self
 
     @property
@@ -121,6 +131,9 @@ def _structure_problems(config: TunewrightConfig) -> list[tuple[Location, str]]:
         problems.append((("quantization",), "4/8-bit loading needs CUDA but backend.device is 'cpu'; remove one"))
     if len(set(config.input_columns)) != len(config.input_columns):
         problems.append((("input_features",), "feature names must be distinct"))
+    if config.trainer.time_budget is not None and config.adapter is not None and config.adapter.type == "adalora":
+        problems.append((("trainer", "time_budget"), "adalora's rank schedule needs the step count before "
+                         "training starts; set trainer.max_steps instead, or another adapter.type"))
     output_type = config.output_features[0].type
     if output_type not in EVAL_METRICS[config.trainer.eval_metric][1]:
         fitting = [name for name, (_, types) in EVAL_METRICS.items() if output_type in types]
@@ -153,6 +166,9 @@ def _preference_problems(config: TunewrightConfig) -> list[tuple[Location, str]]
     if config.conversation is not None:
         problems.append((("conversation",), f"{trainer} reads prompt/chosen/rejected columns (or hh-rlhf "
                          "transcripts: preference.format hh_rlhf); remove the conversation section"))
+    if config.prompt.few_shot is not None:
+        problems.append((("prompt", "few_shot"), f"{trainer} compares responses to one prompt; few-shot examples "
+                         "apply to supervised and zero-shot runs; remove it"))
     if preference.format == "hh_rlhf" and len(config.input_features) != 1:
         problems.append((("input_features",), "format hh_rlhf fills one input feature (the shared prompt); "
                          "list exactly one"))
@@ -221,7 +237,7 @@ def _conversation_problems(config: TunewrightConfig) -> list[tuple[Location, str
                          f"'{column}'; remove input_features and output_features"))
     if config.output_feature.type != "text":
         problems.append((("output_features", 0, "type"), "conversation targets are text; remove it"))
-    for key in ("template", "task", "use_chat_template"):
+    for key in ("template", "task", "use_chat_template", "few_shot"):
         if changed(config.prompt, key):
             problems.append((("prompt", key), "does not apply to conversation data (the chat template renders "
                              "it); remove it, or use prompt.system_prompt / prompt.chat_template"))
@@ -345,6 +361,7 @@ __all__ = [
     "AdapterType",
     "BackendConfig",
     "ConversationConfig",
+    "FewShotConfig",
     "DEFAULT_BASE_MODEL",
     "EVAL_METRICS",
     "EvalMetric",

@@ -48,6 +48,19 @@ class OutputFeature(Section):
         return self
 
 
+class FewShotConfig(Section):
+    """Solved examples from the training split placed before each prompt (Ludwig's retrieval)."""
+
+    k: int = Field(4, ge=1, le=32, description="How many solved examples go before each prompt.")
+    strategy: Literal["random", "semantic"] = Field(
+        "random", description="`random`: a fixed draw per row (seeded by trainer.seed and the row's text); "
+        "`semantic`: the most similar training prompts by sentence embedding (the packaged all-MiniLM-L6-v2), "
+        "the most similar placed nearest the prompt."
+    )
+    separator: str = Field("\n\n", description="Text between the examples, and between the last one and the "
+                           "prompt.")
+
+
 class PromptConfig(Section):
     template: str | None = Field(
         None, description="Prompt with `{column}` placeholders; by default the input column(s) as they are."
@@ -64,6 +77,11 @@ class PromptConfig(Section):
     system_prompt: str | None = Field(
         None, description="A system message placed first in every conversation that has none (training and "
         "inference alike; it is part of the saved chat template)."
+    )
+    few_shot: FewShotConfig | None = Field(
+        None, description="Place k solved examples from the training split before each prompt, in training and "
+        "at inference alike. A training row never gets itself (or a row with the same text) as an example; "
+        "validation and test rows never enter the pool. The pool (and its embeddings) is saved in the run."
     )
     reasoning: Literal["keep", "strip"] = Field(
         "keep", description="Conversation data: `strip` removes `<think>…</think>` blocks from every assistant "

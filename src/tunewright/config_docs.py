@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import types
 import typing
 from typing import Any, Literal
@@ -47,6 +48,8 @@ def default_text(field: FieldInfo) -> str:
         return "null"
     if isinstance(default, bool):
         return f"`{str(default).lower()}`"
+    if isinstance(default, str) and "\n" in default:
+        return f"`{json.dumps(default)}`"  # line breaks as YAML's double-quoted escapes: one table row
     return f"`{list(default) if isinstance(default, tuple) else default}`"
 
 

@@ -1,4 +1,5 @@
-"""Normalise one dataset row into a list of chat messages `{"role", "content"[, "tool_calls"]}`.
+"""Normalise one dataset row into a list of chat messages `{"role", "content"[, "tool_calls"]}`; a `tool`
+turn keeps its `tool_call_id` and `name`.
 
 Formats: an OpenAI `messages` column, ShareGPT `conversations` (`from`/`value`), raw transcripts with speaker
 markers (hh-rlhf style), and Alpaca-style columns (handled by data.py as today).
@@ -23,6 +24,7 @@ SHAREGPT_ROLES = {
     "function": "tool",
     "observation": "tool",
 }
+TOOL_RESULT_KEYS = ("tool_call_id", "name")
 HH_RLHF_SPEAKERS = {"\n\nHuman: ": "user", "\n\nAssistant: ": "assistant"}
 
 
@@ -74,8 +76,12 @@ def from_messages(cell, row_index: int = 0, column: str = "messages", require_as
         if role not in ROLES:
             raise DataError(f"row {row_index}, column '{column}': unknown role {role!r}; use one of {', '.join(ROLES)}")
         message = {"role": role, "content": turn.get("content") or ""}
-        if turn.get("tool_calls"):
-            message["tool_calls"] = turn["tool_calls"]
+        calls = turn.get("tool_calls")
+        if calls is not None and len(calls):  # parquet gives a numpy array: its truth value is ambiguous
+            message["tool_calls"] = list(calls)
+        for key in TOOL_RESULT_KEYS:  # a tool turn names the call it answers; templates write them
+            if role == "tool" and turn.get(key):
+                message[key] = turn[key]
         messages.append(message)
     return _check(messages, row_index, column, require_assistant_last)
 

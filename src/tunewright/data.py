@@ -6,6 +6,7 @@ Reading and writing files (and the in-memory dataset forms) live in tables.py.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,8 @@ from transformers import PreTrainedTokenizerBase
 
 from tunewright.config import PreprocessingConfig, TunewrightConfig
 from tunewright.errors import DataError
-from tunewright.prompt import render_prompt, template_fields
+from tunewright.few_shot import FewShotIndex, build_index
+from tunewright.prompt import render_prompt, template_fields, with_task
 
 # The readers and writers live in tables.py; these names stay importable from here too.
 from tunewright.tables import Dataset as Dataset
@@ -106,13 +108,45 @@ def split_frame(frame: pd.DataFrame, preprocessing: PreprocessingConfig, seed: i
     )
 
 
-def render_prompts(frame: pd.DataFrame, config: TunewrightConfig) -> list[str]:
+def render_prompts(frame: pd.DataFrame, config: TunewrightConfig, shots: FewShotIndex | None = None,
+                   in_pool: bool = False) -> list[str]:
+    """Each row's prompt text: the task line, then (with `shots`) its few-shot examples, then the template.
+
+    `in_pool`: the frame is the training split the few-shot pool was built from, so no row gets itself.
+    """
+    bodies = prompt_bodies(frame, config)
+    if shots is not None:
+        bodies = [examples + body for examples, body in zip(shots.demonstrations(bodies, in_pool), bodies,
+                                                              strict=True)]
+    return [with_task(body, config.prompt.task) for body in bodies]
+
+
+def few_shot_pool(train: pd.DataFrame, config: TunewrightConfig) -> FewShotIndex | None:
+    """The few-shot pool of `prompt.few_shot`: the training split's prompts and answers (None: not configured)."""
+    settings = config.prompt.few_shot
+    if settings is None:
+        return None
+    if len(train) <= settings.k:
+        raise DataError(f"prompt.few_shot.k: the training split has {len(train)} row(s), too few to draw "
+                        f"{settings.k} examples for each row but itself; lower k or add rows")
+    feature = config.output_feature
+    # Answers read as training reads targets: labels stripped, text as written.
+    answers = [str(value).strip() if feature.type == "category" else str(value) for value in train[feature.name]]
+    started = time.perf_counter()
+    index = build_index(settings, config.trainer.seed, prompt_bodies(train, config), answers)
+    log.info("few-shot pool: %d training rows (%s) in %.1fs", len(answers), settings.strategy,
+             time.perf_counter() - started)
+    return index
+
+
+def prompt_bodies(frame: pd.DataFrame, config: TunewrightConfig) -> list[str]:
+    """The template filled from each row, without the task line (what few-shot examples are made of)."""
     template = config.prompt_template
     fields = template_fields(template)
     check_columns(frame, fields, "dataset")
     # An empty input (null, NaN, or an empty CSV cell) is the empty string in every format, never "nan".
     rows = ({name: "" if _is_missing(row[name]) else row[name] for name in fields} for row in frame.to_dict("records"))
-    return [render_prompt(template, row, config.prompt.task) for row in rows]
+    return [render_prompt(template, row) for row in rows]
 
 
 def encode_prompts(

@@ -15,6 +15,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from tunewright.chat_templates import end_of_turn_id
 from tunewright.config import GenerationSettings, TunewrightConfig
 from tunewright.errors import ConfigError
 from tunewright.prompt import template_fields, template_parts
@@ -115,9 +116,14 @@ def ollama_template(chat_template: str, tokenizer: PreTrainedTokenizerBase) -> s
 
 
 def stop_strings(tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    """What ends a reply: the tokenizer's end-of-sequence token (generation stops on it too)."""
+    """What ends a reply: the tokenizer's end-of-sequence token and the chat template's end of turn (such as
+    Llama 3's <|eot_id|>) when that is one special token: generation stops on both."""
     eos = tokenizer.eos_token
-    return [eos] if isinstance(eos, str) and eos else []
+    stops = [eos] if isinstance(eos, str) and eos else []
+    turn_end = end_of_turn_id(tokenizer)
+    if turn_end is not None and tokenizer.convert_ids_to_tokens(turn_end) not in stops:
+        stops.append(str(tokenizer.convert_ids_to_tokens(turn_end)))
+    return stops
 
 
 def ollama_parameters(settings: GenerationSettings, tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, Any]]:

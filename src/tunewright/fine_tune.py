@@ -32,11 +32,11 @@ from tunewright.data import (
     drop_missing_targets,
     encode_prompts,
     fit_prompts,
-    render_prompts,
     split_frame,
 )
 from tunewright.errors import DataError
 from tunewright.evaluate import evaluate_frame, write_confusion_matrix, write_evaluated_rows
+from tunewright.few_shot import FewShotIndex
 from tunewright.heads import (
     classifier_examples,
     label_indices,
@@ -96,19 +96,20 @@ def load_splits(config: TunewrightConfig, dataset: Dataset, validation: Dataset 
 
 def training_examples(tuned: TunedModel, frame: pd.DataFrame, split: str) -> list[Any]:
     started = time.perf_counter()
-    examples = tokenise(tuned, frame)
+    examples = tokenise(tuned, frame, in_pool=split == "training")
     log_phase(f"tokenised {len(examples):,} {split} rows", started)
     return examples
 
 
-def tokenise(tuned: TunedModel, frame: pd.DataFrame) -> list[Any]:
+def tokenise(tuned: TunedModel, frame: pd.DataFrame, in_pool: bool = False) -> list[Any]:
+    """Examples to fit; `in_pool`: the frame is the training split (no row is its own few-shot example)."""
     config = tuned.config
     if config.conversation is not None:
         conversations = frame_conversations(frame, config.conversation)
         examples, stats = conversation_examples(tuned.tokenizer, conversations, config, tuned.max_sequence_len)
         check_mask_stats(stats, "dataset")
         return examples
-    prompt_ids = encode_prompts(render_prompts(frame, config), tuned.tokenizer, config.prompt.use_chat_template)
+    prompt_ids = encode_prompts(tuned.render_frame(frame, in_pool), tuned.tokenizer, config.prompt.use_chat_template)
     prompt_ids, kept = fit_prompts(prompt_ids, tuned.max_input_len, config.preprocessing.overlong_prompts)
     targets = [str(frame[config.output_feature.name].iloc[row]) for row in kept]
     if tuned.labels is not None:
@@ -148,12 +149,12 @@ def what_to_fit(tuned: TunedModel, splits: Splits) -> FitInputs:
 
 def fine_tune(config: TunewrightConfig, loaded: LoadedModel, splits: Splits, vocabulary: list[str] | None,
                previous_run: Path | None, accelerator: Accelerator, run_dir: Path, fingerprint: dict[str, str],
-               checkpoint: Path | None, show_progress: bool, on_validation: LogFn | None = None
-               ) -> tuple[TunedModel, dict[str, Any]]:
+               checkpoint: Path | None, show_progress: bool, on_validation: LogFn | None = None,
+               few_shot: FewShotIndex | None = None) -> tuple[TunedModel, dict[str, Any]]:
     """Wrap the model for training, run fit(), and save the trained weights into the run folder."""
     planned_steps = total_optimizer_steps(len(splits.train), config.trainer, accelerator.num_processes)
     trainable = trainable_model(loaded.model, config, planned_steps, previous_run)
-    tuned = TunedModel(trainable, loaded.tokenizer, config)
+    tuned = TunedModel(trainable, loaded.tokenizer, config, few_shot=few_shot)
     if config.trainer.gradient_checkpointing:
         enable_gradient_checkpointing(tuned.model)
     if vocabulary is not None:
@@ -191,6 +192,8 @@ def fine_tune(config: TunewrightConfig, loaded: LoadedModel, splits: Splits, voc
                "steps": result.steps, "best_val_loss": result.best_val_loss, "stopped_early": result.stopped_early,
                "eval_metric": config.trainer.eval_metric, "best_eval_metric": result.best_metric,
                "best_step": result.best_step}
+    if result.time_budget is not None:
+        summary["time_budget"] = result.time_budget
     if preference is not None:
         summary.update(preference_summary(config, preference, result.history))
     return tuned, summary

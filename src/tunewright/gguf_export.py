@@ -34,6 +34,7 @@ from tunewright.exported_prompt import (
 )
 from tunewright.gguf_converter import convert, ensure_converter
 from tunewright.loading import load
+from tunewright.ollama_templates import conversation_ollama_template
 from tunewright.predictor import TunedModel
 from tunewright.run import check_complete, load_run_config
 
@@ -47,6 +48,10 @@ GGUF_MARKER = "*.gguf"
 def usage_notes(config: TunewrightConfig, labels: list[str] | None = None) -> list[str]:
     """What a person running the file must know: what the chat message stands for, how labels are scored."""
     column = message_column(config)
+    if config.conversation is not None:
+        name = config.prompt.chat_template or "the tokenizer's own"
+        return [f"Send the whole conversation as messages: the chat template ({name}) renders it as the run "
+                "trained on it."]
     if column is not None:
         notes = [f"Send the value of the input column '{column}' as the user message; the chat template "
                  "renders the prompt the run trained on."]
@@ -118,9 +123,9 @@ def export_gguf(
     output_dir = Path(output_dir)
     target = output_dir.resolve()
     check_exportable(tuned.config, merge=True)
-    if ollama and tuned.config.conversation is not None:  # the Go TEMPLATE renders the last user message only
-        raise ConfigError("export --format ollama: a conversation run's multi-turn chat template has no Modelfile "
-                          "TEMPLATE here; export --format gguf (the file carries the chat template) or hf")
+    conversation_template = None
+    if ollama and tuned.config.conversation is not None:  # refused before the slow part when it has no Go twin
+        conversation_template, _ = conversation_ollama_template(tuned.config, tuned.tokenizer)
     check_output_dir_kind(output_dir, overwrite, "GGUF export folder", GGUF_MARKER)
     ensure_converter()  # fetched before the slow part, so a failure costs nothing
     name = name or target.name
@@ -134,7 +139,7 @@ def export_gguf(
             metadata = _write_metadata(Path(scratch), name, tuned)
             seconds = convert(merged, staging / gguf_name, quantization, metadata)
         if ollama:
-            template = ollama_template(tuned.tokenizer.chat_template, tuned.tokenizer)
+            template = conversation_template or ollama_template(tuned.tokenizer.chat_template, tuned.tokenizer)
             parameters = ollama_parameters(tuned.config.generation, tuned.tokenizer)
             text = modelfile_text(gguf_name, template, parameters, usage_notes(tuned.config, tuned.labels))
             (staging / "Modelfile").write_text(text, encoding="utf-8")

@@ -29,6 +29,7 @@ from tunewright.data import (
     check_columns,
     drop_missing_targets,
     encode_prompts,
+    few_shot_pool,
     render_prompts,
 )
 from tunewright.generate import end_token_ids
@@ -64,7 +65,9 @@ def _column_rows(config: TunewrightConfig, tokenizer: PreTrainedTokenizerBase, f
     target = config.output_feature.name
     check_columns(frame, [*config.input_columns, target], source)
     frame = drop_missing_targets(frame, target, source)
-    prompt_ids = encode_prompts(render_prompts(frame, config), tokenizer, config.prompt.use_chat_template)
+    # Few-shot rows are shown as training sees them: examples drawn from the inspected rows, never a row itself.
+    texts = render_prompts(frame, config, few_shot_pool(frame, config), in_pool=True)
+    prompt_ids = encode_prompts(texts, tokenizer, config.prompt.use_chat_template)
     fitted = [ids[-prompt_limit:] for ids in prompt_ids]
     targets = [str(value) for value in frame[target]]
     examples = build_examples(fitted, targets, tokenizer, config.preprocessing.max_target_length)

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from tunewright.config import TunewrightConfig, config_to_dict
+from tunewright.named_templates import NAMED_TEMPLATES
 
 CARD_FILE = "README.md"
 # Hub ids of the base-model aliases, for the card's metadata (the alias itself is tunewright's name).
@@ -53,9 +54,36 @@ def metrics_table(metrics: dict[str, Any]) -> list[str]:
     return ["| split | metric | value |", "| --- | --- | --- |", *rows]
 
 
+def prompt_section(config: TunewrightConfig) -> list[str]:
+    """How the run renders its input: the prompt template, or for conversation data the chat format."""
+    conversation = config.conversation
+    if conversation is None:
+        return ["## Prompt", "", "```", config.prompt_template, "```"]
+    prompt = config.prompt
+    if prompt.chat_template is None:
+        template = "the base model tokenizer's own"
+    elif prompt.chat_template in NAMED_TEMPLATES:
+        template = f"`{prompt.chat_template}` (tunewright's named template)"
+    else:
+        template = f"the Jinja file `{prompt.chat_template}`"
+    detected = " (detected from the data)" if conversation.format == "auto" else ""
+    eos = "with" if conversation.train_eos else "without"
+    return [
+        "## Conversations", "",
+        f"- **Format:** {conversation.format}{detected}, column `{conversation.column}`",
+        f"- **Chat template:** {template}, saved as chat_template.jinja",
+        f"- **Trained tokens:** {conversation.train_on}, {eos} the end of turn",
+        f"- **System prompt:** {prompt.system_prompt or 'none'}",
+        f"- **Reasoning:** {prompt.reasoning}",
+    ]
+
+
 def card_text(config: TunewrightConfig, metrics: dict[str, Any], data: str, split_rows: dict[str, int]) -> str:
     output = config.output_feature
     task = f"category ({', '.join(output.labels)})" if output.type == "category" and output.labels else output.type
+    task_line = f"{', '.join(config.input_columns)} → `{output.name}`, {task}"
+    if config.conversation is not None:
+        task_line = f"conversations in column `{config.conversation.column}` → assistant turns"
     training = metrics.get("training", {})
     trained = (
         f"{training.get('steps', '?')} optimizer steps, {training.get('trainable_parameters', '?')} of "
@@ -67,11 +95,11 @@ def card_text(config: TunewrightConfig, metrics: dict[str, Any], data: str, spli
         "---", yaml.safe_dump(front_matter(config), sort_keys=False).rstrip(), "---", "",
         "# A tunewright run", "",
         f"- **Base model:** `{config.base_model}`",
-        f"- **Task:** {', '.join(config.input_columns)} → `{output.name}`, {task}",
+        f"- **Task:** {task_line}",
         f"- **Adapter:** {config.adapter.type if config.adapter is not None else 'none (full fine-tuning)'}",
         f"- **Data:** {data} ({rows or 'no rows'} rows)",
         f"- **Training:** {trained}", "",
-        "## Prompt", "", "```", config.prompt_template, "```", "",
+        *prompt_section(config), "",
         "## Metrics", "", *metrics_table(metrics), "",
         "## Use", "", "```bash",
         "tunewright predict --model THIS_FOLDER --dataset rows.csv --output predictions.csv",

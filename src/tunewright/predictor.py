@@ -17,6 +17,8 @@ from transformers import PreTrainedTokenizerBase
 from tunewright.chat_data import chat_prompt_ids, frame_conversations, history_of
 from tunewright.config import GenerationSettings, TunewrightConfig
 from tunewright.data import Dataset, as_frame, check_columns, encode_prompts, fit_prompts, render_prompts
+from tunewright.errors import ConfigError
+from tunewright.few_shot import FewShotIndex
 from tunewright.generate import generate_texts
 from tunewright.heads import (
     CONTENT_FREE_INPUTS,
@@ -53,6 +55,7 @@ class TunedModel:
     config: TunewrightConfig
     labels: list[str] | None = None
     classifier: ClassifierObjective | None = None
+    few_shot: FewShotIndex | None = None  # prompt.few_shot: the training split's solved examples
 
     @property
     def predict_batch_size(self) -> int:
@@ -86,7 +89,15 @@ class TunedModel:
         if self.config.conversation is not None:
             return self.encode_conversations(frame_conversations(frame, self.config.conversation,
                                                                  require_assistant_last=False))
-        return self.encode_texts(render_prompts(frame, self.config))
+        return self.encode_texts(self.render_frame(frame))
+
+    def render_frame(self, frame: pd.DataFrame, in_pool: bool = False) -> list[str]:
+        """Each row's prompt text, with its few-shot examples when the config asks for them."""
+        if self.config.prompt.few_shot is not None and self.few_shot is None:
+            raise ConfigError("prompt.few_shot: this model has no pool of training examples; train a run "
+                              "(trainer.type none keeps the training split as the pool), or pass few_shot_pool "
+                              "to from_config")
+        return render_prompts(frame, self.config, self.few_shot, in_pool)
 
     def encode_conversations(self, conversations: Sequence[list[dict[str, Any]]]) -> list[list[int]]:
         """Each conversation's history (a final assistant turn is the answer: left out) through the run's

@@ -80,6 +80,9 @@ class NullProgress:
     def update(self, record: dict[str, Any] | None = None, advance: int = 1) -> None:
         return None
 
+    def set_total(self, total: int) -> None:
+        return None
+
 
 class TrainingProgress:
     """Optimizer steps with the latest loss and tokens/s."""
@@ -106,6 +109,10 @@ class TrainingProgress:
             if "val_loss" in record:
                 status += f"  val {record['val_loss']:.4f}"
         self._bar.update(self._task, advance=advance, status=status)
+
+    def set_total(self, total: int) -> None:
+        """The run's length once known (trainer.time_budget chooses it after the first steps)."""
+        self._bar.update(self._task, total=total)
 
 
 class WorkProgress(TrainingProgress):

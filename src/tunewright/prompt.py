@@ -72,5 +72,9 @@ def render_prompt(template: str, row: Mapping[str, Any], task: str | None = None
         if field_name is not None:
             value = row[field_name]
             pieces.append("" if value is None else str(value))
-    body = "".join(pieces)
+    return with_task("".join(pieces), task)
+
+
+def with_task(body: str, task: str | None) -> str:
+    """The `task` text, when given, on its own line before the rendered prompt."""
     return f"{task}\n{body}" if task else body

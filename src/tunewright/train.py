@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from torch import nn
 from transformers import get_scheduler
 
@@ -34,6 +35,7 @@ from tunewright.objective import LossOutput
 from tunewright.packing import collate_micro_batch, group_by_length, supports_packing
 from tunewright.progress import NullProgress, TrainingProgress
 from tunewright.selection import GenerationScorer, adopt_selection_state, check_scorer, trainable_state, validate
+from tunewright.time_budget import PROVISIONAL_STEPS, StepBudget
 from tunewright.tracking import log_record, peak_memory_mib
 
 log = logging.getLogger(__name__)
@@ -51,22 +53,27 @@ class FitResult:
     checkpoint: Path | None = None  # the newest checkpoint written or resumed from
     best_metric: float | None = None  # the best trainer.eval_metric seen: the kept weights are that step's
     best_step: int | None = None
+    time_budget: dict[str, float] | None = None  # the step count trainer.time_budget chose, and its measures
 
 
 def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
     return [parameter for parameter in module.parameters() if parameter.requires_grad]
 
 
-def learning_rate_schedule(optimizer: Any, cfg: TrainerConfig, total_steps: int) -> Any:
-    """transformers' schedule named by `cfg.lr_scheduler`, stepped once per optimizer step."""
+def learning_rate_schedule(optimizer: Any, cfg: TrainerConfig, total_steps: int, steps_done: int = 0) -> Any:
+    """transformers' schedule named by `cfg.lr_scheduler`, stepped once per optimizer step (and already
+    `steps_done` times: a schedule rebuilt mid-run over a new length)."""
     warmup_steps = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_ratio * total_steps)
     name, kwargs = cfg.lr_scheduler, dict(cfg.lr_scheduler_kwargs)
     if name == "constant":
         name = "constant_with_warmup"  # transformers' `constant` ignores warmup
     if name == "warmup_stable_decay":
         kwargs.setdefault("num_decay_steps", max(1, round(0.1 * total_steps)))
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps,
-                         scheduler_specific_kwargs=kwargs)
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps,
+                              scheduler_specific_kwargs=kwargs)
+    for _ in range(steps_done):
+        scheduler.step()
+    return scheduler
 
 
 def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -94,10 +101,42 @@ def optimizer_windows(num_examples: int, cfg: TrainerConfig, world_size: int,
 
 
 def total_optimizer_steps(num_examples: int, cfg: TrainerConfig, world_size: int) -> int:
+    """The run's step count; with trainer.time_budget, the provisional one until the first steps are timed."""
     if cfg.max_steps is not None:
         return cfg.max_steps
+    if cfg.time_budget is not None:
+        return PROVISIONAL_STEPS
     batches = math.ceil(num_examples / cfg.batch_size)
     return math.ceil(batches / (cfg.gradient_accumulation_steps * world_size)) * cfg.epochs
+
+
+def scheduled_eval_every(cfg: TrainerConfig, total_steps: int) -> int:
+    """Validate every trainer.eval_every steps; by default at each epoch's end, or only at the end of a run
+    whose length is max_steps or a time budget."""
+    if cfg.eval_every is not None:
+        return cfg.eval_every
+    if cfg.max_steps is None and cfg.time_budget is None:
+        return max(1, total_steps // cfg.epochs)
+    return max(1, total_steps)
+
+
+def settle_time_budget(budget: StepBudget, ctx: StepContext, session: Session, record: dict[str, Any],
+                       val_examples: Sequence[Example], scorer: GenerationScorer | None) -> int:
+    """trainer.time_budget, after the timed steps: one timed validation (when there are validation rows),
+    then the total step count, kept in the state, and the schedule rebuilt over it. Returns the total."""
+    validation_seconds = 0.0
+    if val_examples:
+        started = budget.clock()
+        validate(ctx, session, record, val_examples, scorer)
+        validation_seconds = budget.clock() - started
+    decision = budget.choose(session.state.step, validation_seconds, ctx.cfg.eval_every)
+    if ctx.accelerator.num_processes > 1:  # every process trains to the main process's count
+        decision = broadcast_object_list([decision])[0]
+    session.state.time_budget = decision
+    total_steps = int(decision["steps"])
+    session.scheduler = learning_rate_schedule(session.scheduler.optimizer, ctx.cfg, total_steps, session.state.step)
+    record["learning_rate"] = session.scheduler.get_last_lr()[0]
+    return total_steps
 
 
 def regularization_penalty(parameters: Sequence[nn.Parameter], cfg: TrainerConfig) -> torch.Tensor | None:
@@ -380,12 +419,15 @@ def fit(
     if not parameters:
         raise TrainingError("nothing to train: no parameter requires a gradient (check the adapter config)")
     check_scorer(cfg, bool(val_examples), score_generation)
-    optimizer = torch.optim.AdamW(parameters, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+    optimizer = torch.optim.AdamW(parameters, lr=cfg.peak_learning_rate, weight_decay=cfg.weight_decay,
                                   **optimizer_options(accelerator.device))
     world_size = accelerator.num_processes
     total_steps = total_optimizer_steps(len(train_examples), cfg, world_size)
+    if resume is not None and resume.state.time_budget is not None and cfg.time_budget is not None:
+        total_steps = int(resume.state.time_budget["steps"])  # chosen before the interruption: kept
     session = start_session(objective, optimizer, cfg, total_steps, fingerprint, resume, checkpoint_dir)
     state = session.state
+    budget = StepBudget(cfg.time_budget) if cfg.time_budget is not None and not state.time_budget else None
     unwrapped, packing = objective, cfg.packing and supports_packing(objective)
     # The scheduler stays unprepared: Accelerate's wrapper steps it once per process, and our
     # step count is already per optimizer step across all processes.
@@ -393,7 +435,7 @@ def fit(
     if resume is not None:
         restore_rng_state(resume.training_state["rng"])
     objective.train()
-    eval_every = cfg.eval_every or max(1, total_steps // cfg.epochs if cfg.max_steps is None else total_steps)
+    eval_every = scheduled_eval_every(cfg, total_steps)
     progress = TrainingProgress(total_steps) if show_progress and accelerator.is_main_process else NullProgress()
     lengths = [len(example.input_ids) for example in train_examples]
     stop = StopRequest()
@@ -411,6 +453,8 @@ def fit(
             if stop.requested(accelerator):
                 raise interruption(stop, state.step, session.save(ctx))
             rng = capture_rng_state()
+            if budget is not None:
+                budget.step_starts()
             try:
                 step_loss, tokens, state.micro_batch_size = window_with_retry(
                     ctx, step, window, state.micro_batch_size, rng)
@@ -423,7 +467,12 @@ def fit(
             record = finish_step(ctx, session, step, epoch, step_loss, after_optimizer_step, total_steps)
             if batching is not None:
                 record.update(batching.step_metrics())
-            if val_examples and (state.step % eval_every == 0 or state.step == total_steps):
+            validated = False
+            if budget is not None and budget.step_done():
+                total_steps = settle_time_budget(budget, ctx, session, record, val_examples, score_generation)
+                eval_every, validated = scheduled_eval_every(cfg, total_steps), bool(val_examples)
+                progress.set_total(total_steps)
+            if val_examples and not validated and (state.step % eval_every == 0 or state.step == total_steps):
                 validate(ctx, session, record, val_examples, score_generation)
             progress.update(None if record.get("skipped") else record)
             if state.step % cfg.log_every == 0 or "val_loss" in record:
@@ -440,5 +489,5 @@ def fit(
     objective.eval()
     return FitResult(steps=state.step, best_val_loss=state.best_val_loss, stopped_early=state.stopped_early,
                      history=state.history, skipped_steps=state.skipped_steps, checkpoint=session.checkpoint,
-                     best_metric=state.best_metric, best_step=state.best_step)
+                     best_metric=state.best_metric, best_step=state.best_step, time_budget=state.time_budget)
 

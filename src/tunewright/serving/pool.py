@@ -23,7 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tunewright import loading
 from tunewright.chat_templates import set_run_template
 from tunewright.config import GenerationSettings, TunewrightConfig, load_config
-from tunewright.errors import TunewrightError
+from tunewright.errors import ConfigError, TunewrightError
 from tunewright.heads import load_vocabulary
 from tunewright.model import LoadedModel, base_model, context_length, load_base_model, load_tokenizer
 from tunewright.predictor import TunedModel, attach_category
@@ -183,7 +183,7 @@ class _PoolBuilder:
             return
         adapter_name = shared.attach(run_dir, adapter_type) if kind == "adapter" else None
         tokenizer = load_tokenizer(str(run_dir), config.backend.trust_remote_code)
-        tuned = TunedModel(shared.model, tokenizer, config)
+        tuned = TunedModel(shared.model, tokenizer, config, few_shot=loading.run_few_shot(config, run_dir))
         if (
             config.output_feature.type == "category"
         ):  # labels (and the classifier head) as loading.load gives them
@@ -198,6 +198,9 @@ class _PoolBuilder:
         if self.trust_remote_code and not config.backend.trust_remote_code:
             config = config.model_copy(update={"backend": with_trust(config.backend, True)})
         name = name or path.stem
+        if config.prompt.few_shot is not None:
+            raise ConfigError(f"{path}: prompt.few_shot needs the training rows as its pool; train the config "
+                              "(trainer.type none for zero-shot) and serve the run folder")
         if config.output_feature.type == "category":  # from_config checks and attaches the labels
             tuned = loading.from_config(config)
         else:

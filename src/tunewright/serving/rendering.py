@@ -17,7 +17,7 @@ from __future__ import annotations
 import pandas as pd
 
 from tunewright.chat_data import chat_prompt_ids, history_of
-from tunewright.data import encode_prompts, render_prompts
+from tunewright.data import encode_prompts
 from tunewright.errors import TunewrightError
 from tunewright.serving.errors import APIError
 from tunewright.serving.pool import ServedModel
@@ -67,7 +67,7 @@ def rendered_prompt_ids(served: ServedModel, values: list[str], param: str) -> l
     config = served.tuned.config
     frame = pd.DataFrame({input_column(served): values}, dtype=object)
     try:
-        texts = render_prompts(frame, config)
+        texts = served.tuned.render_frame(frame)
         ids = encode_prompts(texts, served.request_tokenizer, config.prompt.use_chat_template)
     except TunewrightError as error:  # e.g. use_chat_template with a tokenizer that has none
         raise APIError(400, f"model: '{served.name}' cannot render prompts: {error}", param="model") from None
