@@ -1,9 +1,10 @@
-"""Contextual calibration: zero-shot label scoring over 5 prompt wordings, with and without it.
+"""Calibration: zero-shot label scoring over 5 prompt wordings, uncalibrated and both calibrations.
 
 Runs smollm2-135m zero-shot (trainer.type none, decoder label_scoring) on the public test files of
 ../shared/data/sst2 and ../shared/data/trec. For each wording the uncalibrated label scores are computed
-once; calibration (output_features[].calibration: content_free) then divides by the labels' probabilities
-for content-free inputs in the same prompt. Reports accuracy and macro-F1 per wording and the spread.
+once, then divided by a prior (output_features[].calibration): `content_free`, the labels' probabilities
+for content-free inputs in the same prompt; `rows`, their mean probabilities over the 256 training inputs
+(train.csv, labels unused) that a run would sample. Reports accuracy and macro-F1 per wording and the spread.
 
     .venv/bin/python bench/calibration.py [--rows N] --out bench/results/calibration_<machine>.json
 """
@@ -20,7 +21,8 @@ import pandas as pd
 
 import tunewright
 from tunewright.config import load_config
-from tunewright.heads import calibrate
+from tunewright.data import calibration_sample
+from tunewright.heads import calibrate, mean_prior
 from tunewright.metrics import category_metrics
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -44,6 +46,7 @@ WORDINGS = {
         "Q: {text}\nThe answer is a kind of",
     ],
 }
+KINDS = ("uncalibrated", "content_free", "rows")
 
 
 def scores(predicted: Any, frame: pd.DataFrame, labels: list[str]) -> dict[str, float]:
@@ -62,16 +65,21 @@ def run_dataset(name: str, rows: int | None) -> list[dict[str, Any]]:
         "trainer": {"type": "none"},
     }
     model = tunewright.from_config(base)
+    train = pd.read_csv(DATA / name / "train.csv", dtype=str, keep_default_na=False)
     results = []
     for template in WORDINGS[name]:
         model.config = load_config({**base, "prompt": {"template": template}})
+        rows_config = load_config({**base, "prompt": {"template": template}, "output_features": [
+            {**base["output_features"][0], "calibration": "rows"}]})
         started = time.perf_counter()
         raw = model.uncalibrated_label_log_probs(model.encode_frame(frame))
-        calibrated = calibrate(raw, model.content_free_log_prior())
-        results.append({"dataset": name, "template": template, "rows": len(frame),
+        sample = calibration_sample(train, rows_config)
+        rows_prior = mean_prior(model.uncalibrated_label_log_probs(model.encode_frame(sample)))
+        results.append({"dataset": name, "template": template, "test_rows": len(frame),
                         "seconds": round(time.perf_counter() - started, 1),
                         "uncalibrated": scores(raw, frame, LABELS[name]),
-                        "calibrated": scores(calibrated, frame, LABELS[name])})
+                        "content_free": scores(calibrate(raw, model.content_free_log_prior()), frame, LABELS[name]),
+                        "rows": scores(calibrate(raw, rows_prior), frame, LABELS[name])})
         print(json.dumps(results[-1]), flush=True)
     return results
 
@@ -88,7 +96,7 @@ def main() -> None:
         mine = [result for result in results if result["dataset"] == name]
         summary[name] = {kind: {"accuracy_min": min(r[kind]["accuracy"] for r in mine),
                                 "accuracy_max": max(r[kind]["accuracy"] for r in mine)}
-                         for kind in ("uncalibrated", "calibrated")}
+                         for kind in KINDS}
     print(json.dumps(summary, indent=1))
     args.out.write_text(json.dumps({"results": results, "summary": summary}, indent=1) + "\n")
 

@@ -62,7 +62,7 @@ def config_for(
             "template": spec["template"],
             "use_chat_template": False,
         },
-        "adapter": {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
+        "adapter": {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
         "trainer": trainer,
         "preprocessing": {"max_input_length": 96},
         "backend": {"device": "cpu"},

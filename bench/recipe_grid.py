@@ -69,7 +69,8 @@ def text_config(dataset: str, trainer: dict[str, Any]) -> dict[str, Any]:
         config = yaml.safe_load((DEMO / "config.yaml").read_text(encoding="utf-8"))
         if trainer.get("max_steps") is None:
             trainer = {**trainer, "epochs": config["trainer"].get("epochs", 1)}
-    return {**config, "adapter": {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0}, "trainer": trainer,
+    adapter = {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+    return {**config, "adapter": adapter, "trainer": trainer,
             "preprocessing": {**config.get("preprocessing", {}), "split": [1.0, 0.0, 0.0]},
             "backend": {"device": "cpu"}}
 

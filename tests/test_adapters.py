@@ -219,7 +219,14 @@ def test_adalora_schedule_must_leave_steps_for_pruning() -> None:
 
 def test_default_target_modules_follow_the_architecture() -> None:
     model = build_model(len(build_tokenizer()))
-    assert set(peft_config_for(model, AdapterConfig(type="lora")).target_modules) == {"q_proj", "v_proj"}
+    # all-linear (docs/recipes.md): peft resolves it to every linear layer but the output layer.
+    for kind in ("lora", "loha", "lokr"):
+        assert peft_config_for(model, AdapterConfig(type=kind)).target_modules == "all-linear"
+    wrapped = attach_adapter(build_model(len(build_tokenizer())), AdapterConfig(type="lora"))
+    adapted = {name.rsplit(".", 1)[-1] for name, module in wrapped.named_modules() if hasattr(module, "lora_A")}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    adalora = peft_config_for(model, AdapterConfig(type="adalora"), total_steps=10)
+    assert set(adalora.target_modules) == {"q_proj", "v_proj"}
     ia3 = peft_config_for(model, AdapterConfig(type="ia3"))
     assert set(ia3.target_modules) == {"k_proj", "v_proj", "down_proj"}
     assert set(ia3.feedforward_modules) == {"down_proj"}

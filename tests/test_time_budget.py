@@ -61,8 +61,9 @@ def test_the_count_fits_the_budget_and_the_schedule_decays_to_its_end(
     assert training["time_budget"] == {"seconds": 30, "steps": 24, "step_seconds": 1.0, "validation_seconds": 0.0}
     assert training["steps"] == 24
     rates = {record["step"]: record["learning_rate"] for record in log_records(run)}
-    # From step 5 on, the linear decay runs over 24 steps and reaches zero at the last one.
-    assert rates[5] == pytest.approx(0.01 * 19 / 24) and rates[12] == pytest.approx(0.01 * 12 / 24)
+    # The default 5% warmup is of the chosen count (1 of 24 steps); the linear decay then runs over the
+    # other 23 and reaches zero at the last one.
+    assert rates[5] == pytest.approx(0.01 * 19 / 23) and rates[12] == pytest.approx(0.01 * 12 / 23)
     assert rates[24] == 0.0
 
 

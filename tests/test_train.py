@@ -86,8 +86,9 @@ def test_only_adapter_weights_change(tiny_model, tokenizer) -> None:
     model, _ = train_copy(tiny_model, tokenizer, batch_size=4, max_steps=2, learning_rate=0.05)
     after = model.get_base_model().state_dict()
     for name, tensor in before.items():
-        assert torch.equal(after[name.replace("q_proj.weight", "q_proj.base_layer.weight")
-                                 .replace("v_proj.weight", "v_proj.base_layer.weight")], tensor), name
+        # Adapted layers keep their frozen weight under base_layer.
+        wrapped = name.replace("_proj.weight", "_proj.base_layer.weight")
+        assert torch.equal(after[wrapped if wrapped in after else name], tensor), name
 
 
 def test_early_stopping_restores_the_best_weights(tiny_model, tokenizer) -> None:
@@ -117,11 +118,28 @@ def test_early_stopping_restores_the_best_weights(tiny_model, tokenizer) -> None
 ])
 def test_lr_schedule_is_transformers_schedule(trainer: dict, step: int, expected: float) -> None:
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    trainer = trainer if "warmup_steps" in trainer or "warmup_ratio" in trainer else {**trainer, "warmup_ratio": 0.0}
     schedule = learning_rate_schedule(optimizer, TrainerConfig(**trainer), total_steps=12)
     for _ in range(step):
         optimizer.step()
         schedule.step()
     assert schedule.get_last_lr()[0] == pytest.approx(expected, abs=1e-6)
+
+
+def test_the_default_warmup_is_five_percent_and_warmup_steps_replaces_it() -> None:
+    def rates(trainer: TrainerConfig, steps: int) -> list[float]:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        schedule = learning_rate_schedule(optimizer, trainer, total_steps=40)
+        seen = []
+        for _ in range(steps):
+            seen.append(schedule.get_last_lr()[0])
+            optimizer.step()
+            schedule.step()
+        return seen
+
+    assert rates(TrainerConfig(), 3) == pytest.approx([0.0, 0.5, 1.0])  # 5% of 40 steps: 2 of warmup
+    assert rates(TrainerConfig(warmup_steps=4), 5) == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+    assert rates(TrainerConfig(warmup_ratio=0.0), 1) == pytest.approx([1.0])
 
 
 @pytest.mark.parametrize(("trainer", "message"), [

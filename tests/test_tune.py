@@ -168,3 +168,46 @@ def test_list_choices_round_trip_and_an_invalid_combination_names_the_searched_k
                        r"these values make is invalid \(.*cannot exceed init_r") as refused:
         trial_config_for(adalora, space, {**values, "adapter.r": 64})
     assert "\n" not in str(refused.value)
+
+
+# ---- several devices: one worker process per device, one shared study ----------------------------------
+
+
+def test_workers_on_two_devices_share_one_study(search_config: dict, copy_csv: Path, tmp_path: Path) -> None:
+    # Two CPU workers stand in for two GPUs: the same processes, only CUDA_VISIBLE_DEVICES differs.
+    result = tune(search_config, copy_csv, tmp_path / "search", trials=3, show_progress=False, devices=["cpu", "cpu"])
+    folder = tmp_path / "search"
+    done = finished(result.study)
+    assert 3 <= len(done) <= 4  # workers finishing together may each start one more
+    assert {trial.user_attrs["device"] for trial in done} == {"cpu"}
+    assert len({tuple(sorted(trial.params.items())) for trial in done}) == len(done)  # no values drawn twice
+    logs = sorted(path.name for path in (folder / "workers").iterdir())
+    assert logs == ["worker-0-cpu.log", "worker-1-cpu.log"]
+    assert all(row["device"] == "cpu" for row in csv.DictReader((folder / "trials.csv").read_text().splitlines())
+               if row["state"] == "COMPLETE")
+    assert yaml.safe_load(result.best_config.read_text())["adapter"]["r"] == result.best_params["adapter.r"]
+    # Asking again for as many finished trials starts no worker trial.
+    again = tune(search_config, copy_csv, folder, trials=3, show_progress=False, devices=["cpu", "cpu"])
+    assert len(again.study.trials) == len(result.study.trials)
+
+
+def test_a_failing_worker_names_its_log(search_config: dict, tmp_path: Path) -> None:
+    missing = tmp_path / "gone.csv"
+    missing.write_text("word,echo\na,a\nb,b\nc,c\nd,d\n")
+    folder = tmp_path / "search"
+    config = {**search_config, "input_features": [{"name": "absent"}], "prompt": {"template": "say {absent}:"}}
+    with pytest.raises(TrainingError, match=r"worker-0-cpu\.log: the worker on cpu failed \(.*absent"):
+        tune(config, missing, folder, trials=1, show_progress=False, devices=["cpu"])
+
+
+def test_devices_are_parsed_or_refused_in_one_line() -> None:
+    from tunewright.tune_devices import parse_devices, worker_environment
+
+    assert parse_devices("0, cuda:1,cpu") == ["cuda:0", "cuda:1", "cpu"]
+    with pytest.raises(ConfigError, match=r"^--devices: 'gpu0' is not a device"):
+        parse_devices("gpu0")
+    assert worker_environment("cuda:1")["CUDA_VISIBLE_DEVICES"] == "1"
+    assert worker_environment("cpu")["CUDA_VISIBLE_DEVICES"] == ""
+    result = CliRunner().invoke(app, ["tune", "--config", "c.yaml", "--dataset", "d.csv", "--trials", "1",
+                                      "-o", "out", "--devices", "gpu0"])
+    assert result.exit_code == 7 and "--devices: 'gpu0' is not a device" in result.output

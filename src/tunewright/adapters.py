@@ -39,8 +39,9 @@ from tunewright.errors import ConfigError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
-# Attention projections adapted by default, per architecture (model_type in config.json).
-DEFAULT_TARGET_MODULES = {
+# AdaLoRA's default: the attention projections, per architecture (model_type in config.json). Over every
+# linear layer its rank budget prunes some layers to rank 0, which peft then cannot save.
+ADALORA_TARGET_MODULES = {
     "llama": ["q_proj", "v_proj"],
     "mistral": ["q_proj", "v_proj"],
     "qwen2": ["q_proj", "v_proj"],
@@ -89,7 +90,10 @@ def count_parameters(model: nn.Module) -> ParameterReport:
 def target_modules_for(model: PreTrainedModel, adapter: AdapterConfig) -> list[str] | str:
     if adapter.target_modules is not None:
         return adapter.target_modules
-    return DEFAULT_TARGET_MODULES.get(model.config.model_type, "all-linear")
+    if adapter.type == "adalora":
+        return ADALORA_TARGET_MODULES.get(model.config.model_type, "all-linear")
+    # Every linear layer: it beat the q/v projections on every task measured (docs/recipes.md).
+    return "all-linear"
 
 
 def _ia3_modules(model: PreTrainedModel, adapter: AdapterConfig) -> tuple[list[str] | str, list[str]]:

@@ -18,7 +18,9 @@ from tunewright.config import TunewrightConfig, load_config
 from tunewright.data import (
     Dataset,
     as_frame,
+    calibration_sample,
     few_shot_pool,
+    resolve_calibration,
     write_table,
 )
 from tunewright.errors import ConfigError, DataError, RunFolderError, TrainingInterrupted, TunewrightError
@@ -29,6 +31,7 @@ from tunewright.fine_tune import category_vocabulary, fine_tune, load_splits, sp
 from tunewright.gguf_export import ExportFormat, Quantization, export_gguf_format
 from tunewright.heads import (
     save_category_state,
+    save_label_prior,
 )
 from tunewright.loading import from_config, load
 from tunewright.model import (
@@ -157,8 +160,10 @@ def train(
     previous_run = check_continuable(from_run, config) if from_run is not None else None
     config = continue_reference(config, previous_run)
     splits = load_splits(config, dataset, validation)
+    config = resolve_calibration(config, splits.train)
     vocabulary = category_vocabulary(config, splits)
     few_shot = few_shot_pool(splits.train, config)
+    calibration_inputs = calibration_sample(splits.train, config)
     run_dir = Path(output_dir)
     if resume and overwrite:
         raise RunFolderError(f"{run_dir}: pass either --resume or --overwrite, not both")
@@ -179,22 +184,27 @@ def train(
         set_run_template(config, loaded.tokenizer)  # saved with the tokenizer: every later step renders with it
         started = time.perf_counter()
         if config.trainer.type == "none":
-            tuned = TunedModel(loaded.model, loaded.tokenizer, config, few_shot=few_shot)
+            tuned = TunedModel(loaded.model, loaded.tokenizer, config, few_shot=few_shot,
+                               calibration_inputs=calibration_inputs)
             if vocabulary is not None:
                 attach_category(tuned, vocabulary)
             summary: dict[str, Any] = {"type": "none"}
             log.info("trainer.type is none: nothing is trained and no weights are saved")
         else:
             tuned, summary = fine_tune(config, loaded, splits, vocabulary, previous_run, accelerator, run_dir,
-                                        fingerprint, checkpoint, show_progress, on_validation, few_shot)
+                                        fingerprint, checkpoint, show_progress, on_validation, few_shot,
+                                        calibration_inputs)
         summary["seconds"] = time.perf_counter() - started
         tuned.model.eval()
+        tuned.label_prior = None  # calibration: rows: estimated again with the weights training kept
         metrics = cast(TrainMetrics, {"training": summary,
                                       **split_metrics(tuned, splits, run_dir, accelerator, show_progress)})
         finish_tracking(accelerator, dict(metrics), summary.get("steps", 0))
         if accelerator.is_main_process:
             if tuned.labels is not None:
                 save_category_state(run_dir, tuned.labels, tuned.classifier.head if tuned.classifier else None)
+                if tuned.calibration_inputs is not None and tuned.classifier is None:
+                    save_label_prior(run_dir, tuned.rows_log_prior())
             loaded.tokenizer.save_pretrained(run_dir)
             if tuned.few_shot is not None:
                 save_index(tuned.few_shot, run_dir)

@@ -247,12 +247,18 @@ def tune(
     validation: Annotated[Path | None, typer.Option(help="Separate validation file.")] = None,
     time_budget: Annotated[float | None, typer.Option(
         "--time-budget", min=0, help="Start no new trial after this many seconds.")] = None,
+    devices: Annotated[str | None, typer.Option(
+        help="Run trials in one process per device, e.g. 0,1 (CUDA indices) or cpu,cpu; default: every GPU "
+        "when there are several, else one process.")] = None,
 ) -> None:
     """Search the config's tune: section with Optuna; print the best config's path."""
     _api(ctx)  # --quiet applies to the trials' libraries too
     from tunewright.tune import tune as search
+    from tunewright.tune_devices import parse_devices
 
-    result = search(config, dataset, output_dir, trials, validation, time_budget, show_progress=_show_progress())
+    chosen = parse_devices(devices) if devices is not None else None
+    result = search(config, dataset, output_dir, trials, validation, time_budget, show_progress=_show_progress(),
+                    devices=chosen)
     if not state["quiet"]:
         table = Table(title=f"trials (best: {result.best_value:.4f})")
         for column in ("trial", "state", "value", "params"):

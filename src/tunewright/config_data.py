@@ -30,10 +30,14 @@ class OutputFeature(Section):
         "sum", description="Category label scoring: the label's log-likelihood (`sum` of its token log-probs) "
         "or their `mean`, which favours multi-token labels whose later tokens are easy to predict."
     )
-    calibration: Literal["none", "content_free"] = Field(
-        "none", description="Category label scoring: `content_free` divides each label's probability by its "
-        "probability when every input is content-free ('N/A', '', '[MASK]') in the same prompt, then renormalises "
-        "(contextual calibration, Zhao et al. 2021): it removes the prompt's bias toward some labels."
+    calibration: Literal["auto", "none", "content_free", "rows"] = Field(
+        "auto", description="Category label scoring: divide each label's probability by the prompt's own leaning "
+        "toward it, then renormalise. `content_free`: its probability when every input is content-free ('N/A', "
+        "'', '[MASK]') in the same prompt (contextual calibration, Zhao et al. 2021). `rows`: its mean "
+        "probability over up to 256 inputs of the training split, labels unused (batch calibration, Zhou et "
+        "al. 2023); estimated when the run is trained (trainer.type none included) and saved with it. `auto`: "
+        "rows for a zero-shot run (trainer.type none) that has training rows, where it raised accuracy on 9 of "
+        "10 prompt wordings (BENCHMARKS.md), none otherwise; the run's saved config records the choice."
     )
 
     @model_validator(mode="after")

@@ -52,8 +52,9 @@ class AdapterConfig(Section):
                            "(on CPU, rounded to a multiple of 1/65536: kernels/cpu_training.py).")
     target_modules: list[str] | Literal["all-linear"] | None = Field(
         None,
-        description="Module names to adapt, or `all-linear`; by default per architecture (the attention q/v "
-        "projections; k/v/down projections for ia3).",
+        description="Module names to adapt, or `all-linear`. By default every linear layer but the output "
+        "layer for lora, loha and lokr (it beat the q/v projections on every task in docs/recipes.md); per "
+        "architecture for adalora (the attention q/v projections) and ia3 (key/value and down projections).",
     )
     bias: Literal["none", "all", "lora_only"] = Field("none", description="lora/adalora: which biases train.")
     use_rslora: bool = Field(False, description="lora: rank-stabilised scaling alpha / sqrt(r).")
@@ -187,7 +188,8 @@ class TrainerConfig(Section):
         default_factory=dict, description="Extra arguments of the schedule, by transformers' names "
         "(num_cycles, num_decay_steps, num_stable_steps, min_lr_ratio, decay_type)."
     )
-    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps spent warming up linearly.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps spent warming up linearly (the "
+                                "5% of the recipe measured in docs/recipes.md; ignored when warmup_steps is set).")
     warmup_steps: int | None = Field(
         None, ge=0, description="Warm up linearly over this many optimizer steps (instead of warmup_ratio)."
     )
@@ -271,7 +273,7 @@ class TrainerConfig(Section):
 
     @model_validator(mode="after")
     def _schedule_keys(self) -> TrainerConfig:
-        if self.warmup_steps is not None and self.warmup_ratio > 0:
+        if self.warmup_steps is not None and "warmup_ratio" in self.model_fields_set and self.warmup_ratio > 0:
             raise ValueError("set warmup_steps or warmup_ratio, not both")
         if self.max_steps is not None and self.time_budget is not None:
             raise ValueError("set max_steps or time_budget, not both")

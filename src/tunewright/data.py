@@ -139,6 +139,33 @@ def few_shot_pool(train: pd.DataFrame, config: TunewrightConfig) -> FewShotIndex
     return index
 
 
+# Training inputs that calibration: rows averages the label distribution over: enough for a stable mean,
+# few enough to cost seconds at each validation.
+CALIBRATION_ROWS = 256
+
+
+def resolve_calibration(config: TunewrightConfig, train: pd.DataFrame) -> TunewrightConfig:
+    """`calibration: auto` made concrete for a run: rows for zero-shot label scoring with training rows (it
+    raised zero-shot accuracy on 9 of 10 wordings, BENCHMARKS.md), none otherwise; the saved config records it."""
+    feature = config.output_feature
+    if feature.type != "category" or feature.decoder != "label_scoring" or feature.calibration != "auto":
+        return config  # auto stays: nothing else scores labels
+    zero_shot = config.trainer.type == "none" and len(train) > 0
+    output = feature.model_copy(update={"calibration": "rows" if zero_shot else "none"})
+    return config.model_copy(update={"output_features": [output, *config.output_features[1:]]})
+
+
+def calibration_sample(train: pd.DataFrame, config: TunewrightConfig) -> pd.DataFrame | None:
+    """The training inputs (labels dropped) that `calibration: rows` estimates the prior from; None if unused."""
+    if config.output_feature.type != "category" or config.output_feature.calibration != "rows":
+        return None
+    if not len(train):
+        raise DataError("output_features[0].calibration: rows needs training rows to estimate the labels' prior, "
+                        "and the training split is empty; give training rows or use content_free")
+    rows = train.sample(n=min(CALIBRATION_ROWS, len(train)), random_state=config.trainer.seed)
+    return rows[list(config.input_columns)].reset_index(drop=True)
+
+
 def prompt_bodies(frame: pd.DataFrame, config: TunewrightConfig) -> list[str]:
     """The template filled from each row, without the task line (what few-shot examples are made of)."""
     template = config.prompt_template

@@ -150,11 +150,12 @@ def what_to_fit(tuned: TunedModel, splits: Splits) -> FitInputs:
 def fine_tune(config: TunewrightConfig, loaded: LoadedModel, splits: Splits, vocabulary: list[str] | None,
                previous_run: Path | None, accelerator: Accelerator, run_dir: Path, fingerprint: dict[str, str],
                checkpoint: Path | None, show_progress: bool, on_validation: LogFn | None = None,
-               few_shot: FewShotIndex | None = None) -> tuple[TunedModel, dict[str, Any]]:
+               few_shot: FewShotIndex | None = None,
+               calibration_inputs: pd.DataFrame | None = None) -> tuple[TunedModel, dict[str, Any]]:
     """Wrap the model for training, run fit(), and save the trained weights into the run folder."""
     planned_steps = total_optimizer_steps(len(splits.train), config.trainer, accelerator.num_processes)
     trainable = trainable_model(loaded.model, config, planned_steps, previous_run)
-    tuned = TunedModel(trainable, loaded.tokenizer, config, few_shot=few_shot)
+    tuned = TunedModel(trainable, loaded.tokenizer, config, few_shot=few_shot, calibration_inputs=calibration_inputs)
     if config.trainer.gradient_checkpointing:
         enable_gradient_checkpointing(tuned.model)
     if vocabulary is not None:

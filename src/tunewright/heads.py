@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 HEAD_FILE = "head.safetensors"
 LABELS_FILE = "labels.json"
+PRIOR_FILE = "label_prior.json"
 
 
 # --- label vocabulary ------------------------------------------------------------------------------
@@ -341,6 +342,24 @@ def save_category_state(run_dir: Path, vocabulary: Sequence[str], head: nn.Modul
         save_file(state, str(run_dir / HEAD_FILE))
 
 
+def save_label_prior(run_dir: Path, log_prior: torch.Tensor) -> None:
+    """Write `label_prior.json`: the (L,) log prior that calibration: rows divides by."""
+    (run_dir / PRIOR_FILE).write_text(json.dumps({"log_prior": log_prior.tolist()}, indent=1), encoding="utf-8")
+
+
+def load_label_prior(run_dir: Path, labels: int) -> torch.Tensor:
+    path = run_dir / PRIOR_FILE
+    if not path.is_file():
+        raise RunFolderError(f"{run_dir}: run folder without {PRIOR_FILE} (calibration: rows); retrain to write it")
+    try:
+        prior = torch.tensor(json.loads(path.read_text(encoding="utf-8"))["log_prior"], dtype=torch.float32)
+    except (ValueError, KeyError, TypeError):
+        raise RunFolderError(f"{path}: not a label prior written by tunewright; retrain to rewrite it") from None
+    if prior.shape != (labels,):
+        raise RunFolderError(f"{path}: holds {prior.numel()} label priors for {labels} labels; retrain to rewrite it")
+    return prior
+
+
 def load_vocabulary(run_dir: Path) -> list[str]:
     path = run_dir / LABELS_FILE
     if not path.is_file():
@@ -368,8 +387,9 @@ def load_head(run_dir: Path, objective: ClassifierObjective) -> None:
 CONTENT_FREE_INPUTS = ("N/A", "", "[MASK]")
 
 
-def content_free_prior(log_probs: torch.Tensor) -> torch.Tensor:
-    """(L,) log of the mean label distribution over the content-free rows' (K, L) log-probabilities."""
+def mean_prior(log_probs: torch.Tensor) -> torch.Tensor:
+    """(L,) log of the mean label distribution over K rows' (K, L) log-probabilities: the content-free
+    inputs, or (calibration: rows) a sample of the training split's inputs."""
     return torch.logsumexp(log_probs, dim=0) - math.log(log_probs.shape[0])
 
 

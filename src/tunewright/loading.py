@@ -31,6 +31,9 @@ def from_config(
     """
     config = load_config(config)
     pool = _few_shot_pool(config, few_shot_pool)
+    if config.output_feature.type == "category" and config.output_feature.calibration == "rows":
+        raise ConfigError("output_features[0].calibration: rows estimates the labels' prior from training rows; "
+                          "train the config (trainer.type none for zero-shot) and use the run, or use content_free")
     if remote_code_trusted(trust_remote_code) and not config.backend.trust_remote_code:
         config = config.model_copy(update={"backend": with_trust(config.backend, True)})
     require_quantization_support(config.quantization, config.backend)

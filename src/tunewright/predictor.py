@@ -25,10 +25,11 @@ from tunewright.heads import (
     ClassifierObjective,
     calibrate,
     classifier_log_probs,
-    content_free_prior,
     encode_labels,
     label_start_tokens,
     load_head,
+    load_label_prior,
+    mean_prior,
     score_labels,
 )
 from tunewright.kernels.prepacked import inference_kernels
@@ -56,6 +57,9 @@ class TunedModel:
     labels: list[str] | None = None
     classifier: ClassifierObjective | None = None
     few_shot: FewShotIndex | None = None  # prompt.few_shot: the training split's solved examples
+    # calibration: rows: training inputs the prior is estimated from (while training), and the prior itself.
+    calibration_inputs: pd.DataFrame | None = None
+    label_prior: torch.Tensor | None = None
 
     @property
     def predict_batch_size(self) -> int:
@@ -85,11 +89,12 @@ class TunedModel:
         kept, _ = fit_prompts(ids, self.max_input_len, "truncate")
         return kept
 
-    def encode_frame(self, frame: pd.DataFrame) -> list[list[int]]:
+    def encode_frame(self, frame: pd.DataFrame, in_pool: bool = False) -> list[list[int]]:
+        """Rows -> prompt token ids; `in_pool`: the rows are training rows (none is its own few-shot example)."""
         if self.config.conversation is not None:
             return self.encode_conversations(frame_conversations(frame, self.config.conversation,
                                                                  require_assistant_last=False))
-        return self.encode_texts(self.render_frame(frame))
+        return self.encode_texts(self.render_frame(frame, in_pool))
 
     def render_frame(self, frame: pd.DataFrame, in_pool: bool = False) -> list[str]:
         """Each row's prompt text, with its few-shot examples when the config asks for them."""
@@ -116,15 +121,29 @@ class TunedModel:
         """(N, L) log-probabilities of each label (contextually calibrated when the output feature asks)."""
         started = time.perf_counter()
         log_probs = self.uncalibrated_label_log_probs(prompt_ids, show_progress)
-        if self.config.output_feature.calibration == "content_free" and self.classifier is None:
+        calibration = self.config.output_feature.calibration
+        if calibration == "content_free" and self.classifier is None:
             log_probs = calibrate(log_probs, self.content_free_log_prior())
+        elif calibration == "rows" and self.classifier is None:
+            log_probs = calibrate(log_probs, self.rows_log_prior())
         log_phase(f"scored {log_probs.shape[1]} labels for {log_probs.shape[0]:,} rows", started)
         return log_probs
 
     def content_free_log_prior(self) -> torch.Tensor:
         """(L,) the prompt's own leaning: mean label probabilities when every input is content-free."""
         frame = pd.DataFrame({column: list(CONTENT_FREE_INPUTS) for column in self.config.input_columns})
-        return content_free_prior(self.uncalibrated_label_log_probs(self.encode_frame(frame)))
+        return mean_prior(self.uncalibrated_label_log_probs(self.encode_frame(frame)))
+
+    def rows_log_prior(self) -> torch.Tensor:
+        """(L,) the prompt's leaning over the training inputs (calibration: rows): saved with a run, else
+        estimated with the weights of the moment from `calibration_inputs` and kept until they change."""
+        if self.label_prior is None:
+            if self.calibration_inputs is None:
+                raise ConfigError("output_features[0].calibration: rows estimates the labels' prior from training "
+                                  "rows; train a run (trainer.type none for zero-shot), or use content_free")
+            ids = self.encode_frame(self.calibration_inputs, in_pool=True)
+            self.label_prior = mean_prior(self.uncalibrated_label_log_probs(ids))
+        return self.label_prior
 
     def uncalibrated_label_log_probs(self, prompt_ids: Sequence[list[int]],
                                      show_progress: bool = False) -> torch.Tensor:
@@ -198,6 +217,8 @@ def attach_category(tuned: TunedModel, vocabulary: Sequence[str], run_dir: Path 
         elif tuned.config.trainer.type == "none":
             log.warning("decoder classifier with trainer.type none: the head is untrained (it only reads the "
                         "labels' first tokens); decoder label_scoring is the zero-shot method")
+    elif tuned.config.output_feature.calibration == "rows" and run_dir is not None:
+        tuned.label_prior = load_label_prior(run_dir, len(vocabulary))  # estimated when the run was trained
     return tuned
 
 

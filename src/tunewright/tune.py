@@ -5,8 +5,9 @@ picks the values; its median pruner stops a trial whose validation metric, repor
 training loop's evaluations, trails the earlier trials'. The study lives in OUTPUT/study.db (SQLite),
 so a search that was stopped resumes where it was: finished trials are not run again.
 
-Trials run one after another in this process. With several devices, each trial could be a separate
-process on its own device sharing the same study.db; that is not built here.
+Trials run one after another in this process, on one device. With several devices (every GPU when
+there are several, or `devices`), one worker process per device draws trials from the same study.db
+(tune_devices.py); TPE then samples with a constant liar, so workers do not pick the same values.
 """
 
 from __future__ import annotations
@@ -33,11 +34,14 @@ from tunewright.config import (
 )
 from tunewright.data import Dataset
 from tunewright.errors import ConfigError, DataError, TrainingError
+from tunewright.tables import as_frame, write_table
+from tunewright.tune_devices import default_devices, run_workers
 
 log = logging.getLogger(__name__)
 
 STUDY_NAME = "tunewright"
 STUDY_FILE = "study.db"
+SEARCH_CONFIG = "search_config.yaml"  # what the workers of a several-device search read
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 
@@ -53,7 +57,7 @@ class TuneResult:
 
 def tune(config: str | Path | dict[str, Any] | TunewrightConfig, dataset: Dataset, output_dir: str | Path,
          trials: int, validation: Dataset | None = None, time_budget: float | None = None,
-         show_progress: bool | None = None) -> TuneResult:
+         show_progress: bool | None = None, devices: list[str] | None = None) -> TuneResult:
     """Search the config's `tune.space`, training one run per trial; write the best config, a table and a plot.
 
     Args:
@@ -64,6 +68,8 @@ def tune(config: str | Path | dict[str, Any] | TunewrightConfig, dataset: Datase
         validation: a separate validation file (else preprocessing.split's validation fraction).
         time_budget: stop starting new trials after this many seconds (Optuna's timeout).
         show_progress: as in `train`.
+        devices: run trials in one worker process per device ('cpu', 'cuda:N'); None: every GPU when
+            there are several, else this process.
 
     Raises:
         ConfigError: no `tune:` section, or a searched value the schema refuses.
@@ -80,14 +86,17 @@ def tune(config: str | Path | dict[str, Any] | TunewrightConfig, dataset: Datase
     check_space_values(raw, space)
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    study = open_study(folder, EVAL_METRICS[metric][0], base.trainer.seed)
-
-    def objective(trial: optuna.Trial) -> float:
-        trial_config = trial_config_for(raw, space, {path: suggest(trial, path, span) for path, span in space.items()})
-        return run_trial(trial, trial_config, metric, dataset, validation, folder, show_progress)
-
-    remaining = trials - sum(trial.state in FINISHED for trial in study.trials)
-    if remaining > 0:
+    devices = default_devices(base.backend.device) if devices is None else devices
+    study = open_study(folder, EVAL_METRICS[metric][0], base.trainer.seed, parallel=bool(devices))
+    remaining = trials - finished_count(study)
+    if remaining > 0 and devices:
+        (folder / SEARCH_CONFIG).write_text(yaml.safe_dump(config_to_dict(base), sort_keys=False), encoding="utf-8")
+        job = {"folder": str(folder.resolve()), "trials": trials, "time_budget": time_budget,
+               "dataset": table_path(dataset, folder / "data" / "train.jsonl"),
+               "validation": None if validation is None else table_path(validation, folder / "data" / "valid.jsonl")}
+        run_workers(folder, devices, job, lambda: finished_count(study))
+    elif remaining > 0:
+        objective = trial_objective(raw, space, metric, dataset, validation, folder, show_progress)
         study.optimize(objective, n_trials=remaining, timeout=time_budget)
     write_trials_csv(study, folder / "trials.csv")
     write_search_report(study, metric, write_search_plot(study, metric, folder / "search.png"), folder)
@@ -102,17 +111,67 @@ def tune(config: str | Path | dict[str, Any] | TunewrightConfig, dataset: Datase
     return TuneResult(best_path, float(best.value), best_values, study)  # type: ignore[arg-type]
 
 
-def open_study(folder: Path, direction: str, seed: int) -> optuna.Study:
-    """The study in folder/study.db, created or reopened; a trial left running by a stopped search is retried."""
+def work_on_study(folder: Path, trials: int, device: str, worker: int, dataset: str, validation: str | None,
+                  time_budget: float | None) -> None:
+    """A worker of a several-device search (tune_devices.py): run trials on `device` until the study holds
+    `trials` finished ones (workers that finish together may run one more each)."""
+    base = load_config(folder / SEARCH_CONFIG)
+    assert base.tune is not None  # the parent checked it
+    raw = {key: value for key, value in config_to_dict(base).items() if key != "tune"}
+    raw["backend"] = {**raw["backend"], "device": "cpu" if device == "cpu" else "cuda"}  # its only visible GPU
+    space, metric = base.tune.space, tune_metric(base)
+    # Its own seed: workers sharing one would sample the same first values.
+    study = open_study(folder, EVAL_METRICS[metric][0], base.trainer.seed + worker, parallel=True, retry_stale=False)
+    if finished_count(study) >= trials:
+        return
+    objective = trial_objective(raw, space, metric, dataset, validation, folder, False, device)
+    enough = optuna.study.MaxTrialsCallback(trials, states=FINISHED)
+    study.optimize(objective, timeout=time_budget, callbacks=[enough])
+
+
+def finished_count(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def table_path(dataset: Dataset, path: Path) -> str:
+    """A path the worker processes can read: the file given, or the rows written to `path`."""
+    if isinstance(dataset, str | Path):
+        return str(Path(dataset).resolve())
+    path.parent.mkdir(exist_ok=True)
+    write_table(as_frame(dataset)[0], path)
+    return str(path.resolve())
+
+
+def trial_objective(raw: dict[str, Any], space: dict[str, TuneRange], metric: str, dataset: Dataset,
+                    validation: Dataset | None, folder: Path, show_progress: bool | None,
+                    device: str | None = None) -> Any:
+    """Optuna's objective: sample the space, train one run, return its validation metric."""
+
+    def objective(trial: optuna.Trial) -> float:
+        if device is not None:
+            trial.set_user_attr("device", device)
+        trial_config = trial_config_for(raw, space, {path: suggest(trial, path, span) for path, span in space.items()})
+        return run_trial(trial, trial_config, metric, dataset, validation, folder, show_progress)
+
+    return objective
+
+
+def open_study(folder: Path, direction: str, seed: int, parallel: bool = False,
+               retry_stale: bool = True) -> optuna.Study:
+    """The study in folder/study.db, created or reopened; a trial left running by a stopped search is retried
+    (not by a worker: the others' trials are running)."""
+    # Several processes share the file: wait for its lock rather than fail at once.
+    storage = optuna.storages.RDBStorage(f"sqlite:///{folder / STUDY_FILE}",
+                                         engine_kwargs={"connect_args": {"timeout": 60}})
     study = optuna.create_study(
-        study_name=STUDY_NAME, storage=f"sqlite:///{folder / STUDY_FILE}", load_if_exists=True,
+        study_name=STUDY_NAME, storage=storage, load_if_exists=True,
         direction="maximize" if direction == "max" else "minimize",
-        sampler=optuna.samplers.TPESampler(seed=seed), pruner=optuna.pruners.MedianPruner(),
+        sampler=optuna.samplers.TPESampler(seed=seed, constant_liar=parallel), pruner=optuna.pruners.MedianPruner(),
     )
-    # Trials run one at a time in one process: a trial still marked running was stopped with the search.
-    for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
-        study.enqueue_trial(stale.params)
+    if retry_stale:  # no search is running: a trial still marked running was stopped with the search
+        for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
+            study.enqueue_trial(stale.params)
     return study
 
 
@@ -207,11 +266,11 @@ def write_trials_csv(study: optuna.Study, path: Path) -> None:
     names = sorted({name for trial in study.trials for name in trial.params})
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["number", "state", *names, "value", "seconds"])
+        writer.writerow(["number", "state", *names, "value", "seconds", "device"])
         for trial in study.trials:
             seconds = trial.duration.total_seconds() if trial.duration is not None else None
             writer.writerow([trial.number, trial.state.name, *(trial.params.get(name) for name in names),
-                             trial.value, seconds])
+                             trial.value, seconds, trial.user_attrs.get("device", "")])
 
 
 def write_search_plot(study: optuna.Study, metric: str, path: Path) -> str:

@@ -27,6 +27,7 @@ def generation_scorer(tuned: TunedModel, validation: pd.DataFrame) -> Generation
     rows = validation.head(cfg.eval_max_rows)
 
     def score() -> dict[str, float]:
+        tuned.label_prior = None  # calibration: rows: the prior of the weights of the moment
         metrics = evaluate_frame(tuned, rows, source="validation").metrics
         return {name: float(value) for name, value in metrics.items()
                 if name not in NOT_GENERATED and isinstance(value, int | float)}
