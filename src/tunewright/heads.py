@@ -385,6 +385,9 @@ def load_head(run_dir: Path, objective: ClassifierObjective) -> None:
 
 # Inputs that say nothing about any label: what the prompt alone makes the model lean toward.
 CONTENT_FREE_INPUTS = ("N/A", "", "[MASK]")
+# calibration: rows without training rows to estimate its prior from (from_config, serve --config).
+ROWS_NEED_TRAINING = ("output_features[0].calibration: rows estimates the labels' prior from training rows; train "
+                      "the config (trainer.type none for zero-shot) and use the run, or use content_free")
 
 
 def mean_prior(log_probs: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from tunewright.config import TunewrightConfig, load_config
 from tunewright.data import Dataset, as_frame, check_columns, drop_missing_targets, few_shot_pool
 from tunewright.errors import ConfigError
 from tunewright.few_shot import FewShotIndex, load_index
-from tunewright.heads import load_vocabulary
+from tunewright.heads import ROWS_NEED_TRAINING, load_vocabulary
 from tunewright.model import load_base_model, load_tokenizer, require_quantization_support
 from tunewright.predictor import TunedModel, attach_category
 from tunewright.run import check_complete, load_run_config, weights_kind
@@ -32,8 +32,7 @@ def from_config(
     config = load_config(config)
     pool = _few_shot_pool(config, few_shot_pool)
     if config.output_feature.type == "category" and config.output_feature.calibration == "rows":
-        raise ConfigError("output_features[0].calibration: rows estimates the labels' prior from training rows; "
-                          "train the config (trainer.type none for zero-shot) and use the run, or use content_free")
+        raise ConfigError(ROWS_NEED_TRAINING)
     if remote_code_trusted(trust_remote_code) and not config.backend.trust_remote_code:
         config = config.model_copy(update={"backend": with_trust(config.backend, True)})
     require_quantization_support(config.quantization, config.backend)

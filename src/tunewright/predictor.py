@@ -22,6 +22,7 @@ from tunewright.few_shot import FewShotIndex
 from tunewright.generate import generate_texts
 from tunewright.heads import (
     CONTENT_FREE_INPUTS,
+    ROWS_NEED_TRAINING,
     ClassifierObjective,
     calibrate,
     classifier_log_probs,
@@ -122,10 +123,9 @@ class TunedModel:
         started = time.perf_counter()
         log_probs = self.uncalibrated_label_log_probs(prompt_ids, show_progress)
         calibration = self.config.output_feature.calibration
-        if calibration == "content_free" and self.classifier is None:
-            log_probs = calibrate(log_probs, self.content_free_log_prior())
-        elif calibration == "rows" and self.classifier is None:
-            log_probs = calibrate(log_probs, self.rows_log_prior())
+        if self.classifier is None and calibration in ("content_free", "rows"):
+            prior = self.content_free_log_prior() if calibration == "content_free" else self.rows_log_prior()
+            log_probs = calibrate(log_probs, prior)
         log_phase(f"scored {log_probs.shape[1]} labels for {log_probs.shape[0]:,} rows", started)
         return log_probs
 
@@ -139,8 +139,7 @@ class TunedModel:
         estimated with the weights of the moment from `calibration_inputs` and kept until they change."""
         if self.label_prior is None:
             if self.calibration_inputs is None:
-                raise ConfigError("output_features[0].calibration: rows estimates the labels' prior from training "
-                                  "rows; train a run (trainer.type none for zero-shot), or use content_free")
+                raise ConfigError(ROWS_NEED_TRAINING)
             ids = self.encode_frame(self.calibration_inputs, in_pool=True)
             self.label_prior = mean_prior(self.uncalibrated_label_log_probs(ids))
         return self.label_prior

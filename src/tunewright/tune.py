@@ -81,8 +81,7 @@ def tune(config: str | Path | dict[str, Any] | TunewrightConfig, dataset: Datase
     if validation is None and base.preprocessing.split_column is None and base.preprocessing.split[1] == 0:
         raise ConfigError("preprocessing.split: the search needs validation rows; give a validation fraction "
                           "or pass --validation")
-    raw = {key: value for key, value in config_to_dict(base).items() if key != "tune"}
-    space, metric = base.tune.space, tune_metric(base)
+    raw, space, metric = search_parts(base)
     check_space_values(raw, space)
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -116,10 +115,8 @@ def work_on_study(folder: Path, trials: int, device: str, worker: int, dataset: 
     """A worker of a several-device search (tune_devices.py): run trials on `device` until the study holds
     `trials` finished ones (workers that finish together may run one more each)."""
     base = load_config(folder / SEARCH_CONFIG)
-    assert base.tune is not None  # the parent checked it
-    raw = {key: value for key, value in config_to_dict(base).items() if key != "tune"}
+    raw, space, metric = search_parts(base)
     raw["backend"] = {**raw["backend"], "device": "cpu" if device == "cpu" else "cuda"}  # its only visible GPU
-    space, metric = base.tune.space, tune_metric(base)
     # Its own seed: workers sharing one would sample the same first values.
     study = open_study(folder, EVAL_METRICS[metric][0], base.trainer.seed + worker, parallel=True, retry_stale=False)
     if finished_count(study) >= trials:
@@ -127,6 +124,13 @@ def work_on_study(folder: Path, trials: int, device: str, worker: int, dataset: 
     objective = trial_objective(raw, space, metric, dataset, validation, folder, False, device)
     enough = optuna.study.MaxTrialsCallback(trials, states=FINISHED)
     study.optimize(objective, timeout=time_budget, callbacks=[enough])
+
+
+def search_parts(base: TunewrightConfig) -> tuple[dict[str, Any], dict[str, TuneRange], str]:
+    """What every trial starts from: the config without `tune:` as a dict, the space, and the metric."""
+    assert base.tune is not None  # tune() checked it
+    raw = {key: value for key, value in config_to_dict(base).items() if key != "tune"}
+    return raw, base.tune.space, tune_metric(base)
 
 
 def finished_count(study: optuna.Study) -> int:
