@@ -262,3 +262,120 @@ def test_packed_rows_keep_the_sliding_window(examples, precision: str) -> None:
 def test_packed_gradients_keep_the_sliding_window(examples) -> None:
     """LoRA gradients of packed rows equal padded rows' (transformers' own sliding-window mask)."""
     assert_packed_gradients_equal_padded(lora_objective(_tiny_sliding_window_model(window=4)), examples)
+
+
+# --- CUDA: one call of torch's varlen flash attention per packed row -------------------------------
+# The kernel itself runs only on CUDA (checked by the GPU check); here a reference with its documented
+# contract, (T, heads, D) tokens, int32 boundaries, (left, right) windows, stands in for it, so these
+# tests check everything tunewright passes to it and takes back.
+
+def reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                     enable_gqa=False):
+    """torch.nn.attention.varlen.varlen_attn's contract, in fp64 on any device."""
+    assert query.dim() == 3 and cu_seq_q.dtype == torch.int32 and torch.equal(cu_seq_q, cu_seq_k)
+    edges = cu_seq_q.tolist()
+    assert max_q == max_k == max(b - a for a, b in zip(edges[:-1], edges[1:], strict=True))
+    if not enable_gqa:
+        assert key.shape[1] == query.shape[1], "grouped heads without enable_gqa"
+    left, right = window_size
+    pieces = []
+    for a, b in zip(edges[:-1], edges[1:], strict=True):
+        q, k, v = (t[a:b].transpose(0, 1).double() for t in (query, key, value))  # (heads, L, D)
+        k, v = (t.repeat_interleave(q.shape[0] // t.shape[0], dim=0) for t in (k, v))
+        i, j = torch.arange(b - a)[:, None], torch.arange(b - a)[None]
+        visible = ((j <= i + right) if right >= 0 else True) & ((j >= i - left) if left >= 0 else True)
+        pieces.append(F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale).transpose(0, 1))
+    return torch.cat(pieces).to(query.dtype)
+
+
+def reference_varlen_without_gqa(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None,
+                                 window_size=(-1, -1)):
+    """An older varlen_attn: no enable_gqa keyword."""
+    return reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale,
+                            window_size=window_size)
+
+
+@pytest.mark.parametrize("varlen", [reference_varlen, reference_varlen_without_gqa])
+@pytest.mark.parametrize(("scale", "window"), [(None, None), (0.3, None), (None, 4)])
+def test_varlen_kernel_call_matches_causal_spans(varlen, scale, window) -> None:
+    from tunewright.kernels.attention import attend_with_varlen
+
+    generator = torch.Generator().manual_seed(0)
+    lengths = [7, 3, 11, 1]
+    query = torch.randn(1, 4, sum(lengths), 8, generator=generator)
+    key, value = (torch.randn(1, 2, sum(lengths), 8, generator=generator) for _ in range(2))
+    bounds = torch.tensor([0, 7, 10, 21, 22], dtype=torch.int64)  # converted to int32 on the way
+    attended = attend_with_varlen(varlen, query, key, value, bounds, max(lengths),
+                                  scale or query.shape[-1] ** -0.5, window)
+    expected = _causal_spans_reference(query, key, value, lengths, scale=scale, window=window)
+    assert attended.shape == (1, sum(lengths), 4, 8)
+    assert torch.allclose(attended.double(), expected, atol=1e-6)
+
+
+@pytest.fixture
+def varlen_kernel_on_any_device(monkeypatch):
+    """Route packed rows to the reference kernel whatever the device and dtype; record each call."""
+    from tunewright.kernels import attention
+
+    calls: list[tuple[int, tuple[int, int]]] = []
+
+    def recording_kernel(*args, **kwargs):
+        calls.append((args[5], kwargs["window_size"]))
+        return reference_varlen(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "torch_varlen_attention", lambda: recording_kernel)
+    monkeypatch.setattr(attention, "torch_varlen_applies", lambda *_: True)
+    return calls
+
+
+def test_packed_rows_through_the_varlen_kernel_equal_samples_alone(tiny_model, examples,
+                                                                   varlen_kernel_on_any_device) -> None:
+    batch = collate_packed(examples, pad_id=0)
+    edges = batch["cu_seq_lens"].tolist()
+    with torch.no_grad():
+        alone = torch.cat([hidden_states(tiny_model, batch["input_ids"][:, a:b], None)
+                           for a, b in zip(edges[:-1], edges[1:], strict=True)], dim=1)
+        with packed_attention(tiny_model):
+            varlen = hidden_states(tiny_model, batch["input_ids"], None, batch["position_ids"], batch["cu_seq_lens"])
+    longest = max(b - a for a, b in zip(edges[:-1], edges[1:], strict=True))
+    assert varlen_kernel_on_any_device == [(longest, (-1, 0))] * tiny_model.config.num_hidden_layers
+    assert torch.allclose(varlen, alone, atol=1e-5)
+
+
+def test_packed_gradients_through_the_varlen_kernel_keep_the_window(examples, varlen_kernel_on_any_device) -> None:
+    """The kernel's backward (here autograd through the reference) gives the padded rows' LoRA gradients,
+    and a window of 4 keys reaches the kernel as (3, 0)."""
+    assert_packed_gradients_equal_padded(lora_objective(_tiny_sliding_window_model(window=4)), examples)
+    assert {window for _, window in varlen_kernel_on_any_device} == {(3, 0)}
+
+
+class _FakeTensor:
+    """What torch_varlen_applies reads of a tensor: a device type, a dtype and a shape."""
+
+    def __init__(self, device: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+        self.device, self.dtype, self.shape = torch.device(device), dtype, shape
+
+
+@pytest.mark.parametrize(("device", "dtype", "head_dim", "kwargs", "applies"), [
+    ("cuda", torch.bfloat16, 64, {}, True),
+    ("cuda", torch.float16, 64, {"dropout": 0.0, "scaling": 0.125}, True),
+    ("cuda", torch.float32, 64, {}, False),  # flash attention has no fp32: per-span SDPA
+    ("cpu", torch.bfloat16, 64, {}, False),  # CPU keeps its span attention
+    ("cuda", torch.bfloat16, 64, {"dropout": 0.1}, False),
+    ("cuda", torch.bfloat16, 64, {"softcap": 30.0}, False),
+    ("cuda", torch.bfloat16, 512, {}, False),  # head size beyond flash attention's
+])
+def test_varlen_kernel_only_where_flash_attention_runs(device, dtype, head_dim, kwargs, applies, monkeypatch) -> None:
+    from tunewright.kernels import attention
+
+    monkeypatch.setattr(attention, "torch_varlen_attention", lambda: reference_varlen)
+    query = _FakeTensor(device, dtype, (1, 9, 100, head_dim))
+    key = _FakeTensor(device, dtype, (1, 3, 100, head_dim))
+    assert attention.torch_varlen_applies(torch.nn.Module(), query, key, kwargs) is applies
+
+
+def test_varlen_kernel_is_found_in_this_torch() -> None:
+    """torch 2.13 (the lock's) has varlen_attn with the keywords used, so a GPU run takes it."""
+    from tunewright.kernels.attention import torch_varlen_attention
+
+    assert torch_varlen_attention() is not None

@@ -8,6 +8,9 @@ keyword flash-attention varlen reads on CUDA), this runs causal SDPA on each sam
 so one micro-batch can be one row of any length with no padding at all. Everything else (padded
 batches, generation with a cache) goes to transformers' own SDPA function unchanged.
 
+On CUDA in half precision the row goes instead to torch's own varlen flash attention
+(`torch.nn.attention.varlen`) in one call: no per-sample kernels and no host sync per layer.
+
 Under bf16 autocast on CPU the spans go through `_BF16SpanAttention` instead: PyTorch's CPU
 flash-attention kernel is slow in bf16 (its backward above all), and in fp32 it was still more than a
 quarter of a LoRA training step.
@@ -16,9 +19,10 @@ quarter of a LoRA training step.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+import inspect
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -167,17 +171,75 @@ def _bf16_span_attention_applies(module: nn.Module, query: torch.Tensor, key: to
             and query.shape[1] % key.shape[1] == 0 and query.shape[-1] == key.shape[-1] == value.shape[-1])
 
 
+@functools.cache
+def torch_varlen_attention() -> Callable[..., torch.Tensor] | None:
+    """torch's own variable-length flash attention (`torch.nn.attention.varlen.varlen_attn`, torch >= 2.9:
+    CUDA, fp16/bf16, with a backward), if this torch has it with the keywords used below; else None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    keywords = inspect.signature(varlen_attn).parameters
+    if not {"scale", "window_size"} <= keywords.keys():  # torch 2.10 had is_causal instead
+        return None
+    return cast(Callable[..., torch.Tensor], varlen_attn)  # a tensor: no auxiliary outputs are asked for
+
+
+@functools.cache
+def _takes_grouped_heads(varlen: Callable[..., torch.Tensor]) -> bool:
+    return "enable_gqa" in inspect.signature(varlen).parameters
+
+
+def torch_varlen_applies(module: nn.Module, query: torch.Tensor, key: torch.Tensor, kwargs: dict[str, Any]) -> bool:
+    """A packed row on CUDA in half precision, plain causal attention: one varlen flash-attention call serves
+    every span, where SDPA would need one call per sample (tiny kernels and a host sync per layer)."""
+    return (query.device.type == "cuda" and query.dtype in (torch.float16, torch.bfloat16)
+            and key.dtype == query.dtype and torch_varlen_attention() is not None
+            and not kwargs.get("dropout") and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
+            and getattr(module, "is_causal", True) and kwargs.get("is_causal", True) is not False
+            and query.shape[1] % key.shape[1] == 0 and query.shape[-1] == key.shape[-1]
+            and query.shape[-1] % 8 == 0 and query.shape[-1] <= 256)  # flash attention's head sizes
+
+
+def attend_with_varlen(varlen: Callable[..., torch.Tensor], query: torch.Tensor, key: torch.Tensor,
+                       value: torch.Tensor, bounds: torch.Tensor, longest: int, scale: float,
+                       window: int | None) -> torch.Tensor:
+    """Causal attention within each span of one packed row through a varlen kernel with flash attention's
+    layout: query (1, H, W, D), key/value (1, Hkv, W, D) -> (1, W, H, D)."""
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (W, heads, D)
+    group = query.shape[1] // key.shape[1]
+    grouped = {}
+    if group > 1 and _takes_grouped_heads(varlen):
+        grouped = {"enable_gqa": True}
+    elif group > 1:  # an older varlen_attn: one key/value head per query head
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    bounds = bounds.to(device=query.device, dtype=torch.int32)
+    # (left, right) keys visible around a query: transformers' window of w keeps the w - 1 before it
+    window_size = (window - 1, 0) if window is not None else (-1, 0)
+    attended = varlen(q, k, v, bounds, bounds, longest, longest, scale=scale, window_size=window_size, **grouped)
+    return attended.unsqueeze(0)
+
+
 def varlen_sdpa_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """SDPA per sample of a packed row (batch of one, no cache); plain SDPA for anything else.
 
     query (1, H, W, D), key/value (1, Hkv, W, D); returns (1, W, H, D) like transformers' SDPA.
+    On CUDA in half precision the whole row is one call of torch's varlen flash attention instead.
     """
     bounds = kwargs.pop("cu_seq_lens_q", None)
     if bounds is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    for name in ("cu_seq_lens_k", "max_length_q", "max_length_k"):
+    longest = kwargs.pop("max_length_q", None)
+    for name in ("cu_seq_lens_k", "max_length_k"):
         kwargs.pop(name, None)
+    if longest is not None and torch_varlen_applies(module, query, key, kwargs):
+        window = kwargs.get("sliding_window")
+        scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        varlen = torch_varlen_attention()
+        assert varlen is not None  # checked by torch_varlen_applies
+        return attend_with_varlen(varlen, query, key, value, bounds, int(longest), scale,
+                                  window if window is not None and longest > window else None), None
     edges = bounds.tolist()
     lengths = [end - start for start, end in zip(edges[:-1], edges[1:], strict=True)]
     window = sliding_window(kwargs, lengths)
