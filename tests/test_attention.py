@@ -379,3 +379,27 @@ def test_varlen_kernel_is_found_in_this_torch() -> None:
     from tunewright.kernels.attention import torch_varlen_attention
 
     assert torch_varlen_attention() is not None
+
+
+def test_a_failing_varlen_kernel_falls_back_to_spans_once(tiny_model, examples, monkeypatch, caplog) -> None:
+    """A kernel that raises (a GPU its flash kernels do not support) costs one warning, never the run."""
+    from tunewright.kernels import attention, forwards
+
+    calls = []
+
+    def unsupported_kernel(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.\nmore detail")
+
+    monkeypatch.setattr(attention, "torch_varlen_attention", lambda: unsupported_kernel)
+    monkeypatch.setattr(attention, "torch_varlen_applies", lambda *_: True)
+    monkeypatch.setattr(attention, "_refused", set())
+    monkeypatch.setattr(forwards, "_warned", set())
+    batch = collate_packed(examples, pad_id=0)
+    with torch.no_grad(), packed_attention(tiny_model):
+        first = hidden_states(tiny_model, batch["input_ids"], None, batch["position_ids"], batch["cu_seq_lens"])
+        again = hidden_states(tiny_model, batch["input_ids"], None, batch["position_ids"], batch["cu_seq_lens"])
+    masked = hidden_states(tiny_model, batch["input_ids"], None, batch["position_ids"])
+    assert len(calls) == 1 and torch.equal(first, again)
+    assert torch.allclose(first, masked, atol=1e-5)
+    assert "Ampere" in caplog.text and "more detail" not in caplog.text
