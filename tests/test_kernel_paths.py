@@ -71,7 +71,7 @@ STOCK = {switches.KERNELS: "off"}
 
 
 @pytest.mark.parametrize("packing", [False, True])
-@pytest.mark.parametrize("onednn", ["auto", "off"])
+@pytest.mark.parametrize("onednn", ["auto", "on", "off"])
 def test_fp32_paths_give_the_stock_losses(monkeypatch: pytest.MonkeyPatch, onednn: str, packing: bool) -> None:
     ours = train_losses(monkeypatch, {switches.ONEDNN: onednn, switches.CPU_BF16: "emulated"}, packing=packing)
     stock = train_losses(monkeypatch, STOCK, packing=packing)
@@ -111,7 +111,7 @@ def test_the_real_onednn_check_passes_here() -> None:
 
 def test_a_bad_switch_value_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(switches.ONEDNN, "maybe")
-    with pytest.raises(ConfigError, match=r"TUNEWRIGHT_ONEDNN='maybe': use one of auto, off"):
+    with pytest.raises(ConfigError, match=r"TUNEWRIGHT_ONEDNN='maybe': use one of auto, on, off"):
         switches.onednn_enabled()
 
 

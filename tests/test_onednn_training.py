@@ -7,12 +7,14 @@ summation order).
 from __future__ import annotations
 
 import importlib
+import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from tunewright.kernels import onednn_training
+from tunewright.kernels import onednn_training, switches
 from tunewright.kernels.onednn_training import onednn_frozen_linears
 
 pytestmark = [
@@ -85,6 +87,7 @@ def test_fit_in_fp32_on_cpu_trains_through_onednn(monkeypatch: pytest.MonkeyPatc
         return onednn_frozen_linears(model)
 
     monkeypatch.setattr(kernels_training, "onednn_frozen_linears", spy)
+    monkeypatch.setenv(switches.ONEDNN, "on")  # whatever this CPU's MKL measures
     examples = [Example(input_ids=[5, 6, 7, 8, 9], labels=[IGNORE_INDEX, IGNORE_INDEX, 7, 8, 9], prompt_len=2)] * 4
     objective = LanguageModelObjective(lora_model(tiny_model))
     cfg = TrainerConfig(max_steps=2, batch_size=2, learning_rate=0.01, precision="fp32")
@@ -149,3 +152,30 @@ def test_contexts_nest_and_restore_each_others_forward() -> None:
             assert vars(layer)["forward"] is not training_forward
         assert vars(layer)["forward"] is training_forward
     assert "forward" not in vars(layer)
+
+
+@pytest.mark.parametrize(("setting", "speedup", "chosen"), [
+    ("auto", 2.0, True),   # AMD with AVX-512: MKL skips it
+    ("auto", 0.92, False),  # Intel: MKL is as fast or faster
+    ("on", 0.92, True),
+    ("off", 2.0, False),
+])
+def test_training_takes_onednn_only_where_it_beats_mkl(monkeypatch: pytest.MonkeyPatch, setting: str,
+                                                       speedup: float, chosen: bool,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv(switches.ONEDNN, setting)
+    monkeypatch.setattr(onednn_training, "onednn_linear_speedup", lambda: speedup)
+    onednn_training._measured_choice.cache_clear()
+    with caplog.at_level(logging.INFO, logger="tunewright.kernels"):
+        assert onednn_training.onednn_training_chosen() is (chosen and torch.backends.mkldnn.is_available())
+    onednn_training._measured_choice.cache_clear()
+    if setting == "auto":
+        assert f"measured {speedup:.2f}x MKL" in caplog.text
+
+
+def test_the_measurement_compares_the_same_products() -> None:
+    """A real measurement here: a positive ratio, and oneDNN's two products equal MKL's."""
+    assert onednn_training.onednn_linear_speedup() > 0
+    x, weight = torch.randn(8, 6), torch.randn(5, 6)
+    column_major = weight.t().contiguous().t()
+    assert torch.allclose(onednn_training._onednn_linear(x, column_major), F.linear(x, weight), atol=1e-5)

@@ -7,6 +7,10 @@ forward, their input gradient, the LM head), so `onednn_frozen_linears` runs tho
 oneDNN's linear op: x W^T forward and g W backward, in fp32 (another summation order, the same
 accuracy). Trainable layers (adapters, full fine-tuning) keep autograd's own matmuls.
 
+On Intel CPUs MKL does use AVX-512, and there oneDNN's fp32 linear was slower (0.93x MKL for all
+training linears on an AMX Xeon). So `auto` measures one training-sized linear both ways once per
+process and takes oneDNN only where it is at least 1.05x MKL (`onednn_training_chosen`).
+
 No second copy is kept. While training, each frozen weight that belongs to one layer only is
 stored column-major (the same values and shape, `W.t().contiguous().t()`, replacing the row-major
 tensor): oneDNN reads that layout without reordering in both directions, where a row-major weight
@@ -19,6 +23,10 @@ the re-laid copies: about +0.4 GiB peak RSS for SmolLM2-135M, still below Traine
 
 from __future__ import annotations
 
+import functools
+import logging
+import statistics
+import time
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -29,9 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunewright.kernels import switches
 from tunewright.kernels.forwards import instance_forwards
-from tunewright.kernels.prepacked import packable
+from tunewright.kernels.prepacked import onednn_usable, packable
 
+log = logging.getLogger(__name__)
+
+ONEDNN_MIN_SPEEDUP = 1.05  # the re-laid weights cost memory: take oneDNN only where it is clearly faster
 Matmul = Callable[[torch.Tensor], torch.Tensor]
 
 # the layers an onednn_frozen_linears context holds (read by the fused LM-head loss)
@@ -103,3 +115,48 @@ def onednn_frozen_linears(model: nn.Module) -> Iterator[None]:
             _active.discard(layer)
         for weight in relaid:
             weight.data = weight.data.contiguous()
+
+
+def onednn_training_chosen() -> bool:
+    """Whether fp32 CPU training runs its frozen linears on oneDNN: `TUNEWRIGHT_ONEDNN=on`, or `auto` where
+    oneDNN measured at least 1.05x MKL on this CPU (once per process, logged)."""
+    setting = switches.setting(switches.ONEDNN)
+    if setting == "off" or not switches.kernels_enabled() or not onednn_usable():
+        return False
+    return setting == "on" or _measured_choice()
+
+
+@functools.cache
+def _measured_choice() -> bool:
+    speedup = onednn_linear_speedup()
+    chosen = speedup >= ONEDNN_MIN_SPEEDUP
+    log.info("fp32 training linears on %s: a oneDNN linear measured %.2fx MKL's here (%s %.2fx)",
+             "oneDNN" if chosen else "MKL", speedup, "at least" if chosen else "below", ONEDNN_MIN_SPEEDUP)
+    return chosen
+
+
+def onednn_linear_speedup() -> float:
+    """MKL time / oneDNN time for a frozen linear's two training matmuls (x W^T, g W) at a training size,
+    medians of interleaved runs after two warm-up rounds."""
+    generator = torch.Generator().manual_seed(0)
+    x, grad = torch.randn(480, 576, generator=generator), torch.randn(480, 1536, generator=generator)
+    weight = torch.randn(1536, 576, generator=generator)
+    column_major = weight.t().contiguous().t()  # the layout onednn_frozen_linears trains with
+
+    def mkl() -> None:
+        F.linear(x, weight)
+        grad @ weight
+
+    def onednn() -> None:
+        _onednn_linear(x, column_major)
+        _onednn_linear(grad, column_major.t())
+
+    times: dict[str, list[float]] = {"mkl": [], "onednn": []}
+    with torch.no_grad():
+        for round_ in range(9):
+            for name, run in (("mkl", mkl), ("onednn", onednn)):
+                started = time.perf_counter()
+                run()
+                if round_ >= 2:
+                    times[name].append(time.perf_counter() - started)
+    return statistics.median(times["mkl"]) / statistics.median(times["onednn"])

@@ -6,7 +6,8 @@ another CPU would take (tests/test_kernel_paths.py):
 - `TUNEWRIGHT_KERNELS=off`: none of tunewright's speed paths; transformers' and torch's stock code.
 - `TUNEWRIGHT_CPU_BF16=native|emulated`: treat the CPU as having bf16 units (AVX512-BF16/AMX) or not.
   `native` on a CPU without them still computes correctly (oneDNN emulates bf16), only slowly.
-- `TUNEWRIGHT_ONEDNN=off`: no oneDNN linear layers (packed inference weights, fp32 frozen linears).
+- `TUNEWRIGHT_ONEDNN=off`: no oneDNN linear layers (packed inference weights, fp32 frozen linears);
+  `on`: fp32 training's frozen linears on oneDNN without measuring it against MKL first.
 
 Unset (or `auto`), each follows what the CPU has; `precision: auto` also measures bf16 against fp32
 once per process before it picks bf16 (precision.py).
@@ -23,7 +24,7 @@ from tunewright.errors import ConfigError
 KERNELS = "TUNEWRIGHT_KERNELS"
 CPU_BF16 = "TUNEWRIGHT_CPU_BF16"
 ONEDNN = "TUNEWRIGHT_ONEDNN"
-_CHOICES = {KERNELS: ("auto", "off"), CPU_BF16: ("auto", "native", "emulated"), ONEDNN: ("auto", "off")}
+_CHOICES = {KERNELS: ("auto", "off"), CPU_BF16: ("auto", "native", "emulated"), ONEDNN: ("auto", "on", "off")}
 
 
 def setting(name: str) -> str:

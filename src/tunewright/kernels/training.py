@@ -20,7 +20,7 @@ from tunewright.kernels.attention import (
 )
 from tunewright.kernels.cpu_training import fast_dropout, fast_rms_norm, reuse_freed_memory
 from tunewright.kernels.gpu_training import activation_offload, compile_decoder_layers, decoder_layers
-from tunewright.kernels.onednn_training import onednn_frozen_linears
+from tunewright.kernels.onednn_training import onednn_frozen_linears, onednn_training_chosen
 from tunewright.kernels.precision import autocast_for, frozen_weights_in_bf16, mixed_precision_for
 
 
@@ -52,7 +52,7 @@ def training_kernels(objective: nn.Module, precision: str, device: torch.device,
     - packing: per-sample attention through transformers' attention registry (kernels/attention.py);
     - bf16: autocast, with frozen weights held in bf16 (precision.py);
     - on CPU: a cheaper dropout mask, a leaner frozen RMSNorm, freed memory kept by glibc, and in
-      fp32 the frozen linear layers on oneDNN (cpu_training.py, onednn_training.py);
+      fp32 the frozen linear layers on oneDNN where it beats MKL (cpu_training.py, onednn_training.py);
     - asked for by the settings, on any device: torch.compile of the decoder layers and activation
       offload to CPU memory (gpu_training.py).
 
@@ -81,6 +81,6 @@ def training_kernels(objective: nn.Module, precision: str, device: torch.device,
             stack.enter_context(reuse_freed_memory())
             stack.enter_context(fast_dropout(objective))
             stack.enter_context(fast_rms_norm(objective))
-            if not bf16:
+            if not bf16 and onednn_training_chosen():
                 stack.enter_context(onednn_frozen_linears(objective))
         yield TrainingKernels(autocast_for(precision, device), row_capacity, "bf16" if bf16 else "fp32")
