@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import time
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 from category import DATA, config_for
 from recipe_grid import WIKISQL, text_config
 
 import tunewright
 from tunewright.data import calibration_sample
+from tunewright.kernels.precision import mixed_precision_for
 
 GOALS = {"sst2": ("accuracy", 0.90), "trec": ("accuracy", 0.85), "wikisql": ("exact_match", 0.5)}
 # Seconds kept out of the budget for loading, tokenising and scoring the test file (measured on 2 cores).
@@ -68,11 +71,19 @@ def run(dataset: str, args: argparse.Namespace) -> dict[str, Any]:
              "test_rows": len(test), "train_rows": len(train), "time_budget": budget,
              "steps": training["steps"], "chosen": training.get("time_budget"),
              "train_seconds": trained - started, "test_seconds": time.perf_counter() - trained,
-             "wall_seconds": time.perf_counter() - started,
+             "wall_seconds": time.perf_counter() - started, "machine": machine(),
              **{key: metrics[key] for key in ("macro_f1", "bleu", "token_accuracy") if key in metrics}}
     if dataset != "wikisql":  # outside the wall time: the same weights scored with calibration: rows
         entry["calibration_rows"] = rows_calibrated(result.model, train, test)
     return entry
+
+
+def machine() -> dict[str, str]:
+    """The CPU the figure was measured on, and the precision `auto` trained at there."""
+    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+             if line.startswith("model name")] if Path("/proc/cpuinfo").is_file() else []
+    return {"cpu": names[0] if names else platform.processor(),
+            "precision": mixed_precision_for("auto", torch.device("cpu"))}
 
 
 def rows_calibrated(model: Any, train: pd.DataFrame, test: pd.DataFrame) -> dict[str, float]:
