@@ -11,6 +11,7 @@ from tunewright.config import AdapterConfig, GenerationSettings
 from tunewright.data import collate_prompts
 from tunewright.generate import (
     generate_ids,
+    generation_batches,
     greedy_decode,
     packed_prefill,
     packed_prefill_applies,
@@ -168,3 +169,27 @@ def test_greedy_tokens_with_packed_prefill_equal_generate_over_long_and_short_pr
     ours = greedy_decode(tiny_model, batch["input_ids"], batch["attention_mask"], 8, stop_ids)
     assert [trim_at_stop(row, stop_ids) for row in ours] == reference_tokens(tiny_model, tokenizer, prompt_ids, 8,
                                                                             stop_ids)
+
+
+def test_batches_keep_within_the_token_budget() -> None:
+    """rows x (longest prompt + max_new_tokens) <= batch_tokens, at most batch_size rows, order kept;
+    a prompt over the budget goes alone."""
+    lengths = [90, 40, 30, 30, 20, 10, 10, 5, 5, 5]  # longest first, as generate_ids sorts them
+    settings = GenerationSettings(max_new_tokens=10, batch_size=4, batch_tokens=120)
+    batches = generation_batches(lengths, settings)
+    assert batches == [[0], [1, 2], [3, 4, 5], [6, 7, 8, 9]]
+    for batch in batches[1:]:
+        assert len(batch) * (lengths[batch[0]] + 10) <= 120
+    assert generation_batches(lengths, GenerationSettings(max_new_tokens=10, batch_size=4)) == [
+        [0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_a_token_budget_changes_the_batches_not_the_tokens(tiny_model, tokenizer, prompt_ids) -> None:
+    budgeted = GenerationSettings(max_new_tokens=8, batch_size=16, batch_tokens=3 * (max(map(len, prompt_ids)) + 8))
+    widths: list[int] = []
+    hook = tiny_model.model.register_forward_pre_hook(
+        lambda _, args, kwargs: widths.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    ours = generate_ids(tiny_model, tokenizer, prompt_ids, budgeted)
+    hook.remove()
+    assert max(widths) <= 3 < len(prompt_ids)
+    assert ours == generate_ids(tiny_model, tokenizer, prompt_ids, GenerationSettings(max_new_tokens=8, batch_size=16))

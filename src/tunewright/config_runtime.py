@@ -26,6 +26,11 @@ class GenerationSettings(Section):
     num_beams: int = Field(1, ge=1, description="Beam search width (1: greedy or sampling).")
     repetition_penalty: float | None = Field(None, gt=0, description="Penalty on repeated tokens (>1 discourages).")
     batch_size: int = Field(16, ge=1, description="Prompts generated together.")
+    batch_tokens: int | None = Field(
+        None, ge=1, description="Token budget of a generation batch: at most this many KV-cache slots, rows x "
+        "(longest prompt + max_new_tokens), within batch_size prompts (a longer prompt goes alone); bounds the "
+        "cache's memory when prompt lengths vary. null: batch_size prompts."
+    )
     cache: Literal["dynamic", "static"] = Field(
         "dynamic", description="The KV cache: `dynamic` (tunewright's greedy loop; finished rows leave the batch), "
         "or `static`: transformers' fixed-shape cache through `generate`, which on CUDA compiles the decode "

@@ -219,6 +219,22 @@ def generate_batch(model: nn.Module, batch: dict[str, torch.Tensor], settings: G
         return cast(list[list[int]], output[:, batch["input_ids"].shape[1] :].tolist())
 
 
+def generation_batches(lengths: Sequence[int], settings: GenerationSettings) -> list[list[int]]:
+    """Positions into `lengths` (prompt lengths, longest first) for each batch: at most `batch_size` prompts
+    and, with `batch_tokens`, at most that many KV-cache slots, rows x (longest prompt + max_new_tokens).
+    The longest prompt of a batch is its first, so its slots are known as each row joins."""
+    batches: list[list[int]] = []
+    for position in range(len(lengths)):
+        batch = batches[-1] if batches else None
+        if batch is not None and len(batch) < settings.batch_size and (
+                settings.batch_tokens is None
+                or (len(batch) + 1) * (lengths[batch[0]] + settings.max_new_tokens) <= settings.batch_tokens):
+            batch.append(position)
+        else:
+            batches.append([position])
+    return batches
+
+
 def generate_ids(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -235,9 +251,10 @@ def generate_ids(
     started = time.perf_counter()
     # On CPU the linear layers run on weights packed once (kernels/prepacked.py): decode steps are small
     # matmuls; entered here too so that every batch reuses the packed weights.
+    batches = generation_batches([len(prompt_ids[row]) for row in order], settings)
     with inference_kernels(model), work_progress(len(prompt_ids), "generating", show_progress) as progress:
-        for start in range(0, len(order), settings.batch_size):
-            rows = order[start : start + settings.batch_size]
+        for positions in batches:
+            rows = [order[position] for position in positions]
             batch = collate_prompts([prompt_ids[r] for r in rows], tokenizer.pad_token_id)
             batch = {key: value.to(device) for key, value in batch.items()}
             new_tokens = generate_batch(model, batch, settings, config, stop_ids)
