@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, ON the GPU machine, from the project root, with .gpu (bench/gpu/prepare.sh) carried along:
 #   BUDGET=540 bash bench/gpu/check.sh        (give the call about 40 s more than BUDGET)
-# 1. the test suite on CUDA; 2. LoRA training speed side by side (tunewright, Trainer + peft, trl, trl packing)
+# 0. packed rows through torch's varlen flash attention against samples alone; 1. the test suite on CUDA;
+# 2. LoRA training speed side by side (tunewright, Trainer + peft, trl, trl packing)
 # on a random SmolLM2-1.7B-shaped model in bf16, with tunewright's top operators; 3. generation against batched
 # `generate`; 4. QLoRA end to end, if bitsandbytes travelled. Everything lands in $OUT; stages skip when the
 # budget runs short.
@@ -15,6 +16,10 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.t
 python3 -c "import torch, transformers, peft, accelerate, trl; print('versions', torch.__version__, \
 transformers.__version__, peft.__version__, accelerate.__version__, trl.__version__)" | tee -a "$OUT/gpu.txt"
 python3 bench/gpu/make_model.py "$W/m17b" "$G/tok" | tee -a "$OUT/gpu.txt"
+
+stage "packed rows through torch's varlen flash attention"
+timeout 120 python3 bench/gpu/varlen_check.py "$OUT/varlen_check.json" > "$OUT/varlen_check.log" 2>&1
+echo "varlen_check rc=$?"; tail -c 600 "$OUT/varlen_check.log"
 
 stage "pytest on CUDA"
 timeout $(( $(left) / 3 )) python3 -m pytest -q -m "not integration" -n 8 -p no:cacheprovider \
