@@ -3,6 +3,7 @@ a resumed run keeps it, and conflicting settings are refused.
 
 The budget reads its clock through `tunewright.time_budget.now`, replaced here by a fake clock that
 moves one second per reading: every timed step then takes exactly 1 s and every chosen count is exact.
+Those tests check the first choice alone (rechecking off); a clock that slows down checks the rechecks.
 """
 
 from __future__ import annotations
@@ -31,6 +32,45 @@ ROWS = [{"word": word, "echo": word} for word in ["cat", "dog", "sun", "sea"]]  
 def one_second_per_reading(monkeypatch: pytest.MonkeyPatch) -> None:
     readings = iter(range(1, 1_000_000))
     monkeypatch.setattr(time_budget, "now", lambda: float(next(readings)))
+    monkeypatch.setattr(time_budget, "REPLANS", 0)  # the first choice's arithmetic only
+
+
+class SlowingClock:
+    """A clock of real seconds that a run's steps advance: `step_seconds` a step, more after `slower_from`."""
+
+    def __init__(self, step_seconds: float, slower_from: int, slower_seconds: float) -> None:
+        self.time, self.steps = 0.0, 0
+        self.step_seconds, self.slower_from, self.slower_seconds = step_seconds, slower_from, slower_seconds
+
+    def now(self) -> float:
+        return self.time
+
+    def step(self) -> None:
+        self.steps += 1
+        self.time += self.slower_seconds if self.steps >= self.slower_from else self.step_seconds
+
+
+def test_a_run_that_slows_down_is_replanned_to_end_within_its_budget(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Steps take 1 s while the count is chosen, then 1.5 s: the first plan alone would overrun by a third."""
+    clock = SlowingClock(1.0, slower_from=8, slower_seconds=1.5)
+    monkeypatch.setattr(time_budget, "now", clock.now)
+    original = LanguageModelObjective.forward
+
+    def forward_then_tick(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        clock.step()  # one forward per step here (batch 4, four rows)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LanguageModelObjective, "forward", forward_then_tick)
+    run = train_tiny_run(tiny_model_dir, tmp_path / "run", {"time_budget": 60, "learning_rate": 0.01,
+                                                              "lr_scheduler": "linear", "checkpoint_steps": None})
+    decision = json.loads((run / "metrics.json").read_text())["training"]["time_budget"]
+    # Chosen after 5 steps of 1 s: 60 steps. At 1.5 s a step from step 8 that would end at about 87 s.
+    assert decision["replanned"] >= 1 and decision["step_seconds"] == pytest.approx(1.5)
+    assert clock.time <= 60 + 1.5  # the budget, within one step
+    assert decision["steps"] == json.loads((run / "metrics.json").read_text())["training"]["steps"] < 60
+    assert log_records(run)[-1]["learning_rate"] == 0.0  # the schedule still ends with the last step
 
 
 def tiny_config(base_model: Path, trainer: dict, split: list[float]) -> dict:

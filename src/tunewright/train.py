@@ -130,12 +130,28 @@ def settle_time_budget(budget: StepBudget, ctx: StepContext, session: Session, r
         validate(ctx, session, record, val_examples, scorer)
         validation_seconds = budget.clock() - started
     decision = budget.choose(session.state.step, validation_seconds, ctx.cfg.eval_every)
+    return adopt_time_budget(decision, ctx, session, record)
+
+
+def recheck_time_budget(budget: StepBudget, ctx: StepContext, session: Session, record: dict[str, Any],
+                        total_steps: int) -> int:
+    """trainer.time_budget, every tenth of the run: the count again at the recent pace. Returns the total."""
+    assert session.state.time_budget is not None
+    decision = budget.check(session.state.step, total_steps, session.state.time_budget, ctx.cfg.eval_every)
+    return adopt_time_budget(decision, ctx, session, record)
+
+
+def adopt_time_budget(decision: dict[str, float], ctx: StepContext, session: Session, record: dict[str, Any]) -> int:
+    """Train to the decision's count: kept in the state (and so in checkpoints), the schedule rebuilt over it."""
     if ctx.accelerator.num_processes > 1:  # every process trains to the main process's count
         decision = broadcast_object_list([decision])[0]
+    unchanged = session.state.time_budget is not None and decision["steps"] == session.state.time_budget["steps"]
     session.state.time_budget = decision
     total_steps = int(decision["steps"])
-    session.scheduler = learning_rate_schedule(session.scheduler.optimizer, ctx.cfg, total_steps, session.state.step)
-    record["learning_rate"] = session.scheduler.get_last_lr()[0]
+    if not unchanged:
+        session.scheduler = learning_rate_schedule(session.scheduler.optimizer, ctx.cfg, total_steps,
+                                                   session.state.step)
+        record["learning_rate"] = session.scheduler.get_last_lr()[0]
     return total_steps
 
 
@@ -472,8 +488,15 @@ def fit(
                 total_steps = settle_time_budget(budget, ctx, session, record, val_examples, score_generation)
                 eval_every, validated = scheduled_eval_every(cfg, total_steps), bool(val_examples)
                 progress.set_total(total_steps)
+            elif budget is not None and budget.check_due(state.step, total_steps):
+                total_steps = recheck_time_budget(budget, ctx, session, record, total_steps)
+                eval_every = scheduled_eval_every(cfg, total_steps)
+                progress.set_total(total_steps)
             if val_examples and not validated and (state.step % eval_every == 0 or state.step == total_steps):
+                started = budget.clock() if budget is not None else 0.0
                 validate(ctx, session, record, val_examples, score_generation)
+                if budget is not None:
+                    budget.validated(budget.clock() - started)
             progress.update(None if record.get("skipped") else record)
             if state.step % cfg.log_every == 0 or "val_loss" in record:
                 state.history.append(record)
