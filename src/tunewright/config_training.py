@@ -166,9 +166,10 @@ class TrainerConfig(Section):
         None, gt=0, description="Seconds of training instead of a step count (replaces epochs; not with max_steps). "
         "The first optimizer steps are timed (not the first, which pays warm-up), and one validation if there "
         "are validation rows; the step count is then fixed so that the steps and the scheduled validations end "
-        "within the budget (loading, tokenising and the final metrics are not counted). The learning-rate "
-        "schedule runs over that count (the timed steps follow a 1,000-step one); the count is logged, recorded "
-        "in metrics.json (training.time_budget) and kept by --resume."
+        "within the budget (loading, tokenising and the final metrics are not counted), and checked again every "
+        "tenth of the run at the recent pace, since machines slow down. The learning-rate schedule runs over "
+        "that count (the timed steps follow a 1,000-step one); the count is logged, recorded in metrics.json "
+        "(training.time_budget) and kept by --resume."
     )
     batch_size: int = Field(4, ge=1, description="Samples per micro-batch.")
     eval_batch_size: int | None = Field(None, ge=1, description="Samples per evaluation batch (default batch_size).")
