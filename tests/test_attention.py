@@ -393,7 +393,6 @@ def test_a_failing_varlen_kernel_falls_back_to_spans_once(tiny_model, examples, 
 
     monkeypatch.setattr(attention, "torch_varlen_attention", lambda: unsupported_kernel)
     monkeypatch.setattr(attention, "torch_varlen_applies", lambda *_: True)
-    monkeypatch.setattr(attention, "_refused", set())
     monkeypatch.setattr(forwards, "_warned", set())
     batch = collate_packed(examples, pad_id=0)
     with torch.no_grad(), packed_attention(tiny_model):

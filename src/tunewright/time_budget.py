@@ -106,7 +106,7 @@ class StepBudget:
             return False
         return done - self.checked_step >= max(TIMED_STEPS, math.ceil(total / REPLANS))
 
-    def check(self, done: int, total: int, decision: dict[str, float], eval_every: int | None) -> dict[str, float]:
+    def check(self, done: int, decision: dict[str, float], eval_every: int | None) -> dict[str, float]:
         """The decision again at the pace since the last check; the same one when its count still fits."""
         assert self.checked_step is not None
         reading = now()
@@ -114,9 +114,9 @@ class StepBudget:
         self.checked_step, self.checked_at, self.validating = done, reading, 0.0
         steps = steps_within_budget(self.seconds - (reading - self.started), done, step_seconds,
                                     decision["validation_seconds"], eval_every)
-        if steps == total:
+        if steps == decision["steps"]:
             return decision
         log.info("trainer.time_budget %.0f s: %d optimizer steps instead of %d (%.3g s a step since step %d)",
-                 self.seconds, steps, total, step_seconds, done)
+                 self.seconds, steps, decision["steps"], step_seconds, done)
         return {**decision, "steps": steps, "step_seconds": step_seconds,
                 "replanned": decision.get("replanned", 0) + 1}

@@ -133,11 +133,10 @@ def settle_time_budget(budget: StepBudget, ctx: StepContext, session: Session, r
     return adopt_time_budget(decision, ctx, session, record)
 
 
-def recheck_time_budget(budget: StepBudget, ctx: StepContext, session: Session, record: dict[str, Any],
-                        total_steps: int) -> int:
+def recheck_time_budget(budget: StepBudget, ctx: StepContext, session: Session, record: dict[str, Any]) -> int:
     """trainer.time_budget, every tenth of the run: the count again at the recent pace. Returns the total."""
     assert session.state.time_budget is not None
-    decision = budget.check(session.state.step, total_steps, session.state.time_budget, ctx.cfg.eval_every)
+    decision = budget.check(session.state.step, session.state.time_budget, ctx.cfg.eval_every)
     return adopt_time_budget(decision, ctx, session, record)
 
 
@@ -489,7 +488,7 @@ def fit(
                 eval_every, validated = scheduled_eval_every(cfg, total_steps), bool(val_examples)
                 progress.set_total(total_steps)
             elif budget is not None and budget.check_due(state.step, total_steps):
-                total_steps = recheck_time_budget(budget, ctx, session, record, total_steps)
+                total_steps = recheck_time_budget(budget, ctx, session, record)
                 eval_every = scheduled_eval_every(cfg, total_steps)
                 progress.set_total(total_steps)
             if val_examples and not validated and (state.step % eval_every == 0 or state.step == total_steps):

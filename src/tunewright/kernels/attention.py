@@ -30,7 +30,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from tunewright.kernels.forwards import fall_back
+from tunewright.kernels.forwards import fall_back, fell_back
 from tunewright.model import base_model
 
 VARLEN_SDPA = "tunewright_varlen_sdpa"
@@ -171,8 +171,7 @@ def _bf16_span_attention_applies(module: nn.Module, query: torch.Tensor, key: to
             and query.shape[1] % key.shape[1] == 0 and query.shape[-1] == key.shape[-1] == value.shape[-1])
 
 
-VARLEN_KERNEL = "torch varlen flash attention for packed rows"
-_refused: set[str] = set()  # the kernel failed once in this process: per-span SDPA from then on
+VARLEN_KERNEL = "torch varlen flash attention for packed rows"  # once it fails: per-span SDPA from then on
 
 
 @functools.cache
@@ -237,7 +236,7 @@ def varlen_sdpa_forward(module: nn.Module, query: torch.Tensor, key: torch.Tenso
     longest = kwargs.pop("max_length_q", None)
     for name in ("cu_seq_lens_k", "max_length_k"):
         kwargs.pop(name, None)
-    if longest is not None and VARLEN_KERNEL not in _refused and torch_varlen_applies(module, query, key, kwargs):
+    if longest is not None and not fell_back(VARLEN_KERNEL) and torch_varlen_applies(module, query, key, kwargs):
         window = kwargs.get("sliding_window")
         scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
         varlen = torch_varlen_attention()
@@ -246,7 +245,6 @@ def varlen_sdpa_forward(module: nn.Module, query: torch.Tensor, key: torch.Tenso
             return attend_with_varlen(varlen, query, key, value, bounds, int(longest), scale,
                                       window if window is not None and longest > window else None), None
         except (RuntimeError, NotImplementedError) as error:  # e.g. a GPU its flash kernels were not built for
-            _refused.add(VARLEN_KERNEL)
             fall_back(VARLEN_KERNEL, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
     edges = bounds.tolist()
     lengths = [end - start for start, end in zip(edges[:-1], edges[1:], strict=True)]

@@ -17,6 +17,11 @@ log = logging.getLogger("tunewright.kernels")
 _warned: set[str] = set()
 
 
+def fell_back(path: str) -> bool:
+    """Whether speed path `path` has fallen back in this process (paths that stay off after one failure)."""
+    return path in _warned
+
+
 def fall_back(path: str, reason: str) -> None:
     """Say once per process that speed path `path` runs the stock code instead, and why."""
     if path not in _warned:
